@@ -1,0 +1,31 @@
+# Two commands on a fresh machine: `make demo` (main job) and `make test`.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test lint default-model
+
+$(STAMP): pyproject.toml
+	test -d $(VENV) || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/cola generate "The function returns" --max-new-tokens 64 --seed 0
+
+test: $(STAMP)
+	GRADIO_ANALYTICS_ENABLED=False $(BIN)/python -m pytest tests
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+# Rebuild the bundled checkpoint in demo/checkpoint from scratch (CPU, documented in README).
+default-model: $(STAMP)
+	$(BIN)/cola make-shards text --default-corpus --output data/stdlib
+	$(BIN)/cola train --preset text-default --stage 1 --out runs/text-default-s1
+	$(BIN)/cola train --preset text-default --stage 2 --init runs/text-default-s1/final --out runs/text-default-s2
+	$(BIN)/cola export runs/text-default-s2/final demo/checkpoint
