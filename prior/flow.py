@@ -1,0 +1,128 @@
+"""Flow matching: the one place that defines the path, the target, time sampling and samplers.
+
+Conventions (DESIGN §3), used everywhere else by import:
+- path    z_t = (1 - t) * z0 + t * eps,  eps ~ N(0, I);  t = 1 is pure noise, t = 0 is data.
+- target  u = eps - z0  (so dz/dt = u and integrating from t = 1 down to t = 0 transports noise
+          to data); loss = mean squared error on the velocity.
+- time    logit-normal t = sigmoid(loc + scale * n), n ~ N(0, 1) (Cola's "timeshift" is loc).
+- sampling Euler (default) or Heun from t = 1 to t = 0, optionally on the SD3-shifted grid
+          t' = s t / (1 + (s - 1) t).
+- CFG     v = v_uncond + w (v_cond - v_uncond).
+The timestep is per token: a position with t = 0 is clean and stays pinned while others move.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+SAMPLERS = ("euler", "heun")
+
+
+def interpolate(z0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Point on the path at time t (t broadcast over the trailing latent dim)."""
+    t = t.unsqueeze(-1) if t.dim() == z0.dim() - 1 else t
+    return (1.0 - t) * z0 + t * eps
+
+
+def velocity_target(z0: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    """The regression target u = eps - z0 (constant along a straight path)."""
+    return eps - z0
+
+
+def predict_data(z_t: torch.Tensor, v: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """The data estimate z0_hat = z_t - t * v implied by a velocity at time t."""
+    t = t.unsqueeze(-1) if t.dim() == z_t.dim() - 1 else t
+    return z_t - t * v
+
+
+def sample_logit_normal(
+    shape: tuple[int, ...] | torch.Size,
+    loc: float,
+    scale: float,
+    *,
+    device: torch.device | str | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Training times t = sigmoid(loc + scale * n); larger loc puts more mass near noise."""
+    n = torch.randn(shape, device=device, generator=generator)
+    return torch.sigmoid(loc + scale * n)
+
+
+def shift_time(t: torch.Tensor, shift: float) -> torch.Tensor:
+    """SD3 schedule shift t' = s t / (1 + (s - 1) t); s > 1 spends more steps near noise."""
+    if shift <= 0:
+        raise ValueError(f"schedule shift must be > 0, got {shift}")
+    return shift * t / (1.0 + (shift - 1.0) * t)
+
+
+def time_grid(steps: int, shift: float = 1.0, device: torch.device | str | None = None):
+    """Decreasing times [1, ..., 0] with steps + 1 entries, shifted by `shift`."""
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    t = torch.linspace(1.0, 0.0, steps + 1, device=device)
+    return shift_time(t, shift)
+
+
+def cfg_combine(v_cond: torch.Tensor, v_uncond: torch.Tensor, scale: float) -> torch.Tensor:
+    """Classifier-free guidance v = v_u + w (v_c - v_u); w = 1 is the conditional model."""
+    return v_uncond + scale * (v_cond - v_uncond)
+
+
+@dataclass(frozen=True)
+class SamplerConfig:
+    """Knobs of the per-block ODE solve."""
+
+    steps: int = 8
+    method: str = "euler"
+    shift: float = 1.0
+    guidance: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.steps <= 1000:
+            raise ValueError(f"steps must be in [1, 1000], got {self.steps}")
+        if self.method not in SAMPLERS:
+            raise ValueError(f"unknown sampler {self.method!r}; choose one of {SAMPLERS}")
+        if not (self.shift > 0 and self.shift < float("inf")):
+            raise ValueError(f"schedule shift must be a finite number > 0, got {self.shift}")
+        if not (0.0 <= self.guidance <= 50.0):
+            raise ValueError(f"guidance must be in [0, 50], got {self.guidance}")
+
+
+VelocityFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def integrate(
+    velocity: VelocityFn,
+    z: torch.Tensor,
+    cfg: SamplerConfig,
+    *,
+    pinned: torch.Tensor | None = None,
+    pinned_value: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Integrate dz/dt = velocity(z, t_tok) from t = 1 to t = 0.
+
+    z: [..., L, D] noise. `velocity` receives per-token times [..., L]. `pinned` ([..., L] bool)
+    marks clean positions ("clean repaint"): they carry t = 0 and are reset to `pinned_value`.
+    """
+    grid = time_grid(cfg.steps, cfg.shift, device=z.device)
+    tok_shape = z.shape[:-1]
+    if pinned is not None:
+        z = torch.where(pinned.unsqueeze(-1), pinned_value, z)
+
+    def t_tok(t: torch.Tensor) -> torch.Tensor:
+        tt = t.expand(tok_shape)
+        return tt.masked_fill(pinned, 0.0) if pinned is not None else tt
+
+    for i in range(cfg.steps):
+        t0, t1 = grid[i], grid[i + 1]
+        v = velocity(z, t_tok(t0))
+        if cfg.method == "heun" and i < cfg.steps - 1:
+            z_pred = z + (t1 - t0) * v
+            v = 0.5 * (v + velocity(z_pred, t_tok(t1)))
+        z = z + (t1 - t0) * v
+        if pinned is not None:
+            z = torch.where(pinned.unsqueeze(-1), pinned_value, z)
+    return z

@@ -1,0 +1,193 @@
+"""The `cola` command line (the composition root: the one place that wires everything up).
+
+    cola make-shards text --default-corpus --output data/stdlib
+    cola make-shards text notes.txt more.jsonl --output data/mine
+    cola train --preset text-default --stage 1 --out runs/s1
+    cola train --preset text-default --stage 2 --init runs/s1/final --out runs/s2
+    cola export runs/s2/final demo/checkpoint
+    cola generate "The function returns" --max-new-tokens 64 --guidance 2 --seed 0
+    cola eval text-vae --checkpoint demo/checkpoint
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import sys
+from pathlib import Path
+
+DEFAULT_CHECKPOINT = Path(__file__).resolve().parent.parent / "demo" / "checkpoint"
+
+
+class UserError(Exception):
+    """An error caused by the input; printed as one clear line, no traceback."""
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    for noisy in ("httpx", "urllib3", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _threads() -> None:
+    n = os.environ.get("COLA_THREADS")
+    if n:
+        import torch
+
+        torch.set_num_threads(int(n))
+
+
+# --------------------------------------------------------------------------- subcommands
+def cmd_make_shards(args) -> None:
+    from unified.shards import make_default_corpus_shards, read_text_inputs, write_text_shards
+
+    if args.kind != "text":
+        raise UserError(f"unknown shard kind {args.kind!r} (available: text)")
+    if args.default_corpus:
+        counts = make_default_corpus_shards(args.output, max_per_shard=args.max_per_shard)
+        print(f"wrote the default corpus to {args.output}: {counts}")
+        return
+    if not args.inputs:
+        raise UserError("give input .txt/.jsonl files, or --default-corpus")
+    paths = write_text_shards(read_text_inputs(args.inputs), args.output, prefix=args.prefix,
+                              max_per_shard=args.max_per_shard)
+    print(f"wrote {len(paths)} shard(s) to {args.output}")
+
+
+def cmd_train(args) -> None:
+    from unified.config import load_preset
+    from unified.train import Trainer
+
+    cfg = load_preset(args.preset, args.set)
+    trainer = Trainer(cfg, args.stage, args.out, init=args.init, resume=not args.no_resume)
+    trainer.train(max_steps=args.max_steps)
+
+
+def cmd_export(args) -> None:
+    from unified.model import ColaModel
+
+    model = ColaModel.from_pretrained(args.src)
+    dst = Path(args.dst)
+    tmp = dst.with_name(dst.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    shutil.rmtree(dst, ignore_errors=True)
+    tmp.rename(dst)
+    print(f"exported {args.src} -> {dst}")
+
+
+def _load(checkpoint: str):
+    import torch
+
+    from unified.model import ColaModel
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return ColaModel.from_pretrained(checkpoint, device=device)
+
+
+def cmd_generate(args) -> None:
+    from unified.generate import GenerationConfig, TextGenerator
+
+    gen = GenerationConfig(max_new_tokens=args.max_new_tokens, steps=args.steps,
+                           guidance=args.guidance, shift=args.shift, method=args.sampler,
+                           temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                           seed=args.seed)
+    engine = TextGenerator(_load(args.checkpoint))
+    print(args.prompt, end="", flush=True)
+    shown = ""
+    for out in engine.stream([args.prompt], gen):
+        text = out.texts[0]
+        print(text[len(shown):], end="", flush=True)
+        shown = text
+    print()
+
+
+def cmd_eval(args) -> None:
+    from unified.evaluate import evaluate_text_vae
+
+    model = _load(args.checkpoint)
+    report = evaluate_text_vae(model, args.data, max_docs=args.max_docs)
+    for key, val in report.items():
+        print(f"{key:>28}: {val:.4f}" if isinstance(val, float) else f"{key:>28}: {val}")
+
+
+# --------------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="cola", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-v", "--verbose", action="store_true")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("make-shards", help="write webdataset shards")
+    s.add_argument("kind", choices=["text"])
+    s.add_argument("inputs", nargs="*", help=".txt / .jsonl files or folders")
+    s.add_argument("--default-corpus", action="store_true",
+                   help="the English prose of the Python standard library's docstrings")
+    s.add_argument("--output", required=True)
+    s.add_argument("--prefix", default="text")
+    s.add_argument("--max-per-shard", type=int, default=2000)
+    s.set_defaults(fn=cmd_make_shards)
+
+    s = sub.add_parser("train", help="train stage 1 (VAE) or stage 2 (VAE + prior)")
+    s.add_argument("--preset", required=True, help="name in configs/ or a .toml path")
+    s.add_argument("--stage", type=int, choices=[1, 2], required=True)
+    s.add_argument("--out", required=True, help="run folder (checkpoints, final model)")
+    s.add_argument("--init", help="stage 2: the stage-1 model folder")
+    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. optim.lr=3e-4 (repeatable)")
+    s.add_argument("--max-steps", type=int, help="stop after this many more steps")
+    s.add_argument("--no-resume", action="store_true", help="ignore existing checkpoints")
+    s.set_defaults(fn=cmd_train)
+
+    s = sub.add_parser("export", help="copy a model folder (config.json + safetensors)")
+    s.add_argument("src")
+    s.add_argument("dst")
+    s.set_defaults(fn=cmd_export)
+
+    s = sub.add_parser("generate", help="continue a text prompt")
+    s.add_argument("prompt")
+    s.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT))
+    s.add_argument("--max-new-tokens", type=int, default=64)
+    s.add_argument("--steps", type=int, default=8)
+    s.add_argument("--guidance", type=float, default=2.0)
+    s.add_argument("--shift", type=float, default=1.0)
+    s.add_argument("--sampler", default="euler", choices=["euler", "heun"])
+    s.add_argument("--temperature", type=float, default=0.0)
+    s.add_argument("--top-k", type=int, default=0)
+    s.add_argument("--top-p", type=float, default=1.0)
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(fn=cmd_generate)
+
+    s = sub.add_parser("eval", help="measure a model")
+    s.add_argument("what", choices=["text-vae"])
+    s.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT))
+    s.add_argument("--data", default="data/stdlib/heldout",
+                   help="held-out shards (cola make-shards text --default-corpus)")
+    s.add_argument("--max-docs", type=int, default=500)
+    s.set_defaults(fn=cmd_eval)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.verbose)
+    _threads()
+    try:
+        args.fn(args)
+    except (UserError, ValueError, FileNotFoundError) as e:
+        if args.verbose:
+            raise
+        print(f"cola {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

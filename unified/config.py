@@ -1,0 +1,161 @@
+"""Dataclass configs and named presets (configs/*.toml).
+
+A preset is a TOML file whose tables mirror `ColaConfig`'s fields; anything left out keeps the
+dataclass default. Command-line overrides use dotted keys: `--set optim.lr=3e-4`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import tomllib
+
+from unified.layout import TextLayoutConfig
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+@dataclass
+class VAEConfig:
+    vocab_size: int = 4096
+    latent_dim: int = 16
+    patch_size: int = 1
+    width: int = 256
+    enc_layers: int = 2
+    dec_layers: int = 2
+    heads: int = 4
+    mlp_ratio: float = 4.0
+
+
+@dataclass
+class PriorConfig:
+    width: int = 256
+    depth: int = 6
+    heads: int = 4
+    mlp_ratio: float = 4.0
+    attn_backend: str = "auto"
+
+
+@dataclass
+class LossConfig:
+    beta: float = 0.01  # KL(q || N(0, I)) weight
+    lambda_mask: float = 1.0  # BERT-style masked-token CE weight
+    mask_prob: float = 0.15
+    decoder_noise: float = 0.15  # decoder sees latents noised to t ~ U(0, this)
+    lambda_vae: float = 1.0  # stage 2: weight of the VAE terms
+    lambda_fm: float = 1.0  # stage 2: flow-matching weight
+    lambda_ref: float = 0.1  # stage 2: KL(q_phi || q_phi_ref) to the frozen stage-1 encoder
+
+
+@dataclass
+class DataConfig:
+    train: str = "data/stdlib/train"
+    heldout: str = "data/stdlib/heldout"
+    seq_len: int = 256
+    batch_size: int = 16
+    tokenizer_docs: int = 20000  # documents used to train the BPE in stage 1
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3
+    vae_lr_mult: float = 1.0  # stage 2: the paper's best joint setting is x1
+    weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.99)
+    warmup: int = 100
+    min_lr_ratio: float = 0.1
+    grad_clip: float = 1.0
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    log_every: int = 25
+    ckpt_every: int = 250
+    keep: int = 2  # checkpoints kept
+    seed: int = 0
+    precision: str = "bf16"  # "bf16" autocast or "fp32"
+    device: str = "auto"
+    max_bad_steps: int = 20  # consecutive non-finite losses before the run stops
+
+
+@dataclass
+class ColaConfig:
+    name: str = "custom"
+    vae: VAEConfig = field(default_factory=VAEConfig)
+    prior: PriorConfig = field(default_factory=PriorConfig)
+    layout: TextLayoutConfig = field(default_factory=TextLayoutConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    stage1: TrainConfig = field(default_factory=TrainConfig)
+    stage2: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+
+def _build(cls, values: dict[str, Any]):
+    """Instantiate a (nested) dataclass from a dict, rejecting unknown keys clearly."""
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, val in values.items():
+        if key not in known:
+            raise ValueError(f"unknown config key {key!r} for {cls.__name__}; "
+                             f"known: {sorted(known)}")
+        default = getattr(cls(), key) if key in known else None
+        if dataclasses.is_dataclass(default):
+            kwargs[key] = _build(type(default), val)
+        elif isinstance(default, tuple):
+            kwargs[key] = tuple(val)
+        else:
+            kwargs[key] = val
+    return cls(**kwargs)
+
+
+def from_dict(values: dict[str, Any]) -> ColaConfig:
+    return _build(ColaConfig, values)
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} must look like section.key=value")
+        key, raw = item.split("=", 1)
+        node = values
+        *parents, leaf = key.strip().split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = _parse_value(raw.strip())
+    return values
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.toml"))
+
+
+def load_preset(name: str, overrides: list[str] | None = None) -> ColaConfig:
+    """A named preset from configs/ (or a path to a .toml/.json file) plus overrides."""
+    path = Path(name)
+    if not path.suffix:
+        path = CONFIG_DIR / f"{name}.toml"
+    if not path.exists():
+        raise FileNotFoundError(f"no preset {name!r}; available: {', '.join(preset_names())}")
+    text = path.read_text()
+    values = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
+    values.setdefault("name", path.stem)
+    return from_dict(apply_overrides(values, overrides or []))

@@ -1,0 +1,148 @@
+"""Default English text corpus, made offline from the Python standard library's docstrings.
+
+Every Python install ships a few megabytes of hand-written English prose in the docstrings of
+its standard library. :func:`iter_stdlib_docstrings` extracts the prose paragraphs from them
+(no network, no download, deterministic for a given interpreter), and :func:`is_heldout`
+splits them into train / held-out sets by a stable hash of the sample key.
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import re
+import sysconfig
+from collections.abc import Iterator
+from pathlib import Path
+
+# Subtrees of the standard library that hold tests, tools or vendored code rather than prose.
+SKIP_DIRS = frozenset(
+    {
+        "test",
+        "tests",
+        "idlelib",
+        "lib2to3",
+        "site-packages",
+        "dist-packages",
+        "__pycache__",
+        "turtledemo",
+        "ensurepip",
+    }
+)
+
+_KEY_UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
+_BLANK_LINE = re.compile(r"\n[ \t]*\n")
+# Lines that mark code, shell sessions or reST markup rather than running prose.
+_CODE_LINE = re.compile(r"^(>>>|\.\.\.|\$ |% |\.\. |:[a-z]+:`?|[-=~^*+#`|]{3,})")
+
+
+def _sanitize(part: str) -> str:
+    return _KEY_UNSAFE.sub("-", part).strip("-") or "x"
+
+
+def _stdlib_files(root: Path) -> list[Path]:
+    files = []
+    for path in root.rglob("*.py"):
+        rel = path.relative_to(root)
+        if any(part in SKIP_DIRS for part in rel.parts[:-1]):
+            continue
+        files.append(path)
+    return sorted(files, key=lambda p: p.relative_to(root).as_posix())
+
+
+def _docstrings(tree: ast.Module) -> Iterator[tuple[str, str]]:
+    """Yield (qualname, docstring) for the module and every class/function, in source order."""
+    doc = ast.get_docstring(tree, clean=True)
+    if doc:
+        yield "module", doc
+
+    def visit(node: ast.AST, prefix: str) -> Iterator[tuple[str, str]]:
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                qual = f"{prefix}{child.name}"
+                doc = ast.get_docstring(child, clean=True)
+                if doc:
+                    yield qual, doc
+                yield from visit(child, qual + "-")
+            elif not isinstance(child, ast.Lambda):
+                # Definitions nested in if/try/with blocks still count (qualname unchanged).
+                yield from visit(child, prefix)
+
+    yield from visit(tree, "")
+
+
+def _is_prose(lines: list[str], text: str, min_chars: int, min_alpha: float) -> bool:
+    if len(text) < min_chars:
+        return False
+    for line in lines:
+        if line[:1].isspace() or _CODE_LINE.match(line.strip()):
+            return False  # indented block (code, table, option list) or doctest / markup
+    if not (text[0].isalpha() or text[0] in "\"'"):
+        # Paragraphs start with a word; "(", "*", "-" or digits mark lists and code.
+        return False
+    alpha = sum(1 for ch in text if ch.isalpha() or ch == " ")
+    if alpha < min_alpha * len(text):
+        return False
+    # Prose is made of words: reject symbol-heavy code fragments the ratio let through.
+    return not any(tok in text for tok in ("==", "->", "{", "}", " = ", "();", "\\n"))
+
+
+# Finished walks, by arguments: parsing the whole stdlib takes seconds on a small CPU.
+_CACHE: dict[tuple[str, int, float], tuple[tuple[str, str], ...]] = {}
+
+
+def iter_stdlib_docstrings(
+    min_chars: int = 80, *, min_alpha: float = 0.75, root: str | Path | None = None
+) -> Iterator[tuple[str, str]]:
+    """Yield ``(key, paragraph)`` prose paragraphs from the stdlib docstrings, in stable order.
+
+    Keys look like ``email-utils__parseaddr__p0``: only ``[A-Za-z0-9_-]`` (no dots, which
+    webdataset would read as an extension separator), unique, and the same on every run.
+    Files that cannot be read or parsed are skipped. Exact duplicate paragraphs are dropped.
+    The walk is lazy; once one has run to the end, later calls replay it from memory.
+    """
+    base = Path(root) if root is not None else Path(sysconfig.get_paths()["stdlib"])
+    cache_key = (str(base), min_chars, min_alpha)
+    if cache_key in _CACHE:
+        yield from _CACHE[cache_key]
+        return
+    done: list[tuple[str, str]] = []
+    for item in _walk(base, min_chars, min_alpha):
+        done.append(item)
+        yield item
+    _CACHE[cache_key] = tuple(done)
+
+
+def _walk(base: Path, min_chars: int, min_alpha: float) -> Iterator[tuple[str, str]]:
+    seen_texts: set[str] = set()
+    seen_keys: set[str] = set()
+    for path in _stdlib_files(base):
+        try:
+            source = path.read_text(encoding="utf-8")
+            tree = ast.parse(source, filename=str(path))
+        except (OSError, UnicodeDecodeError, SyntaxError, ValueError, RecursionError):
+            continue
+        mod = _sanitize(path.relative_to(base).with_suffix("").as_posix())
+        for qual, doc in _docstrings(tree):
+            for n, para in enumerate(_BLANK_LINE.split(doc)):
+                lines = [ln.rstrip() for ln in para.strip("\n").splitlines() if ln.strip()]
+                if not lines:
+                    continue
+                text = " ".join(ln.strip() for ln in lines)
+                if text in seen_texts or not _is_prose(lines, text, min_chars, min_alpha):
+                    continue
+                seen_texts.add(text)
+                key = f"{mod}__{_sanitize(qual)}__p{n}"
+                if key in seen_keys:  # e.g. the same function defined in two if-branches
+                    i = 2
+                    while f"{key}-{i}" in seen_keys:
+                        i += 1
+                    key = f"{key}-{i}"
+                seen_keys.add(key)
+                yield key, text
+
+
+def is_heldout(key: str, fraction: float = 0.02) -> bool:
+    """Deterministic train/held-out split: True for about ``fraction`` of all keys."""
+    digest = hashlib.sha256(key.encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") < fraction * 2**64

@@ -1,0 +1,233 @@
+"""Webdataset pipelines for text: shard lists, robust sample reading, packing into batches.
+
+Shards use the img2dataset layout (``KEY.txt`` + optional ``KEY.json``). A bad sample or a
+truncated tar never stops a stream: the error goes to a :class:`SkipCounter`, which logs a
+warning and counts it, and reading continues with the next sample or shard.
+"""
+
+from __future__ import annotations
+
+import glob
+import logging
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import braceexpand
+import torch
+import webdataset as wds
+from torch.utils.data import IterableDataset
+
+from vaes.tokenizer import encode_document
+
+logger = logging.getLogger("cola.data")
+
+
+class MissingTextError(ValueError):
+    """A sample without a ``.txt`` member (or with an empty one)."""
+
+
+class SkipCounter:
+    """Webdataset error handler that logs, counts per kind, and continues.
+
+    Pass an instance as ``handler=`` to webdataset stages. ``counts`` maps a kind (the
+    exception class name, with the cause for wrapped decoding errors) to how often it was
+    skipped; ``total`` is the sum.
+    """
+
+    def __init__(self, name: str = "data") -> None:
+        self.name = name
+        self.counts: Counter[str] = Counter()
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    @staticmethod
+    def kind(exn: BaseException) -> str:
+        name = type(exn).__name__
+        if exn.__cause__ is not None:
+            name = f"{name}({type(exn.__cause__).__name__})"
+        return name
+
+    @staticmethod
+    def where(exn: BaseException) -> str | None:
+        """The shard url / sample key webdataset attached to ``exn``, if any."""
+        url = getattr(exn, "url", None)
+        key = getattr(exn, "key", None)
+        if url is None:
+            # tar readers append (stream, url) to exn.args.
+            for arg in reversed(exn.args[1:]):
+                if isinstance(arg, str):
+                    url = arg
+                    break
+        parts = [str(p) for p in (url, key) if p is not None]
+        return " ".join(parts) if parts else None
+
+    def __call__(self, exn: BaseException) -> bool:
+        kind = self.kind(exn)
+        self.counts[kind] += 1
+        where = self.where(exn)
+        first = str(exn.args[0]) if exn.args else str(exn)
+        cause = str(exn.__cause__) if exn.__cause__ is not None else ""
+        msg = ": ".join(part for part in (first, cause) if part) or "(no message)"
+        logger.warning(
+            "%s: skipped bad input (%s%s): %s",
+            self.name,
+            kind,
+            f" in {where}" if where else "",
+            msg[:500],
+        )
+        return True
+
+    def __repr__(self) -> str:
+        return f"SkipCounter(total={self.total}, counts={dict(self.counts)})"
+
+
+def expand_urls(spec: str | Path | Iterable[str | Path]) -> list[str]:
+    """Shard list from a directory (its ``*.tar``), a brace pattern, a file, or a list of those."""
+    if isinstance(spec, (str, Path)):
+        specs: list[str | Path] = [spec]
+    else:
+        specs = list(spec)
+    urls: list[str] = []
+    for item in specs:
+        path = Path(item)
+        if path.is_dir():
+            found = sorted(str(p) for p in path.glob("*.tar"))
+            if not found:
+                raise FileNotFoundError(f"no *.tar shards in directory {path}")
+            urls.extend(found)
+            continue
+        text = str(item)
+        found = []
+        for pattern in braceexpand.braceexpand(text):
+            if Path(pattern).is_file():
+                found.append(pattern)
+            else:
+                found.extend(sorted(glob.glob(pattern)))
+        if not found:
+            raise FileNotFoundError(f"no shards match {text!r}")
+        urls.extend(found)
+    if not urls:
+        raise FileNotFoundError(f"no shards given: {spec!r}")
+    return urls
+
+
+def _to_text(sample: dict[str, Any]) -> str:
+    text = sample.get("txt")
+    if not isinstance(text, str) or not text:
+        exn = MissingTextError(f"sample has no .txt text (members: {sorted(sample)})")
+        exn.key = sample.get("__key__")  # type: ignore[attr-defined]
+        exn.url = sample.get("__url__")  # type: ignore[attr-defined]
+        raise exn
+    return text
+
+
+def text_samples(
+    urls: str | Path | Iterable[str | Path],
+    *,
+    seed: int = 0,
+    resample: bool = False,
+    shuffle_buffer: int = 0,
+    skips: SkipCounter | None = None,
+) -> IterableDataset:
+    """Stream of ``str`` texts from ``KEY.txt`` members of webdataset shards.
+
+    ``resample=False``: one pass over the shards, split by node (and by DataLoader worker),
+    in order unless ``shuffle_buffer > 0`` (then shards and samples are shuffled by ``seed``).
+    ``resample=True``: an endless stream drawing shards with replacement, deterministic given
+    ``seed`` (and the rank / worker, so each gets its own stream). Samples without text or with
+    undecodable text, and unreadable shards, are skipped and counted in ``skips``.
+    """
+    shard_list = expand_urls(urls)
+    handler = skips if skips is not None else SkipCounter()
+    if resample:
+        pipeline = wds.DataPipeline(
+            wds.ResampledShards(shard_list, seed=seed, deterministic=True),
+            wds.tarfile_to_samples(handler=handler),
+        )
+    else:
+        pipeline = wds.WebDataset(
+            shard_list,
+            handler=handler,
+            shardshuffle=len(shard_list) if shuffle_buffer > 0 else False,
+            nodesplitter=wds.split_by_node,
+            seed=seed,
+            empty_check=False,  # a rank/worker may legitimately get no shard; not an error
+        )
+    if shuffle_buffer > 0:
+        pipeline = pipeline.compose(
+            wds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 100), seed=seed)
+        )
+    pipeline = pipeline.compose(wds.decode(only=["txt"], handler=handler))
+    return pipeline.compose(wds.map(_to_text, handler=handler))
+
+
+def pack_batches(
+    texts: Iterable[str],
+    tokenizer: Any,
+    *,
+    seq_len: int,
+    batch_size: int,
+    drop_last: bool = True,
+) -> Iterator[dict[str, torch.Tensor]]:
+    """Pack tokenized samples greedily into rows of ``seq_len`` and yield batches of rows.
+
+    Each text becomes ``encode_document(tokenizer, text, seq_len)`` samples (a long document
+    gives several chunks, each its own sample). A row holds whole samples only; when the next
+    sample does not fit, the row is closed and padded. Yields dicts of ``[batch_size, seq_len]``
+    LongTensors: ``input_ids`` (pad id on padding), ``sample_ids`` (0, 1, ... per sample in the
+    row, -1 on padding) and ``positions`` (index inside the sample, 0 on padding). A final
+    partial batch is dropped; a final partial row is emitted if it completes a batch.
+    """
+    if seq_len < 1 or batch_size < 1:
+        raise ValueError(f"seq_len and batch_size must be >= 1, got {seq_len}, {batch_size}")
+    pad_id = tokenizer.pad_token_id
+    input_ids = torch.full((batch_size, seq_len), pad_id, dtype=torch.long)
+    sample_ids = torch.full((batch_size, seq_len), -1, dtype=torch.long)
+    positions = torch.zeros((batch_size, seq_len), dtype=torch.long)
+    row, col, sid = 0, 0, 0
+
+    def take() -> dict[str, torch.Tensor]:
+        nonlocal input_ids, sample_ids, positions
+        batch = {"input_ids": input_ids, "sample_ids": sample_ids, "positions": positions}
+        input_ids = torch.full((batch_size, seq_len), pad_id, dtype=torch.long)
+        sample_ids = torch.full((batch_size, seq_len), -1, dtype=torch.long)
+        positions = torch.zeros((batch_size, seq_len), dtype=torch.long)
+        return batch
+
+    for text in texts:
+        for chunk in encode_document(tokenizer, text, seq_len):
+            n = len(chunk)
+            if col + n > seq_len:  # close this row
+                row, col, sid = row + 1, 0, 0
+                if row == batch_size:
+                    yield take()
+                    row = 0
+            input_ids[row, col : col + n] = torch.tensor(chunk, dtype=torch.long)
+            sample_ids[row, col : col + n] = sid
+            positions[row, col : col + n] = torch.arange(n)
+            col, sid = col + n, sid + 1
+    used = row + 1 if col > 0 else row
+    if used == batch_size or (used > 0 and not drop_last):
+        yield {k: v[:used] for k, v in take().items()}
+
+
+def text_batches(
+    urls: str | Path | Iterable[str | Path],
+    tokenizer: Any,
+    *,
+    seq_len: int,
+    batch_size: int,
+    seed: int = 0,
+    resample: bool = True,
+    skips: SkipCounter | None = None,
+    shuffle_buffer: int = 0,
+) -> Iterator[dict[str, torch.Tensor]]:
+    """Packed token batches from text shards: ``pack_batches(text_samples(...))``."""
+    texts = text_samples(
+        urls, seed=seed, resample=resample, shuffle_buffer=shuffle_buffer, skips=skips
+    )
+    return pack_batches(iter(texts), tokenizer, seq_len=seq_len, batch_size=batch_size)

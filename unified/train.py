@@ -1,0 +1,225 @@
+"""One trainer for both stages (DESIGN §3): stage 1 trains the Text VAE, stage 2 trains the VAE
+and the prior jointly from a stage-1 VAE.
+
+    trainer = Trainer(load_preset("text-default"), stage=1, out_dir="runs/s1")
+    trainer.train()          # resumes from runs/s1/checkpoints if there is one
+
+Everything random in a step (masking, posterior noise, times, flow noise, condition dropout)
+comes from one generator whose state is checkpointed with the model, optimizer, scheduler, step
+and data position, so a resumed run continues the same loss sequence (tests/test_train.py).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from unified.checkpoint import (
+    latest_checkpoint,
+    load_trainer_files,
+    optimizer_from_flat,
+    save_checkpoint,
+)
+from unified.config import ColaConfig, TrainConfig
+from unified.data import SkipCounter, expand_urls, text_batches
+from unified.model import ColaModel, build_prior, build_vae
+from vaes.text_vae import TextVAE
+from vaes.tokenizer import load_tokenizer, train_tokenizer
+
+log = logging.getLogger("cola.train")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float) -> float:
+    """LR multiplier: linear warmup, then cosine decay to min_ratio at `total`."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class Trainer:
+    def __init__(self, cfg: ColaConfig, stage: int, out_dir: str | Path, *,
+                 init: str | Path | None = None, resume: bool = True):
+        if stage not in (1, 2):
+            raise ValueError(f"stage must be 1 or 2, got {stage}")
+        if stage == 2 and init is None:
+            raise ValueError("stage 2 starts from a stage-1 model: pass init=<folder>")
+        self.cfg, self.stage, self.out = cfg, stage, Path(out_dir)
+        self.tcfg: TrainConfig = cfg.stage1 if stage == 1 else cfg.stage2
+        self.device = resolve_device(self.tcfg.device)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.train_urls = expand_urls(cfg.data.train)
+        self.skips = SkipCounter()
+        torch.manual_seed(self.tcfg.seed)
+
+        ckpt = latest_checkpoint(self.out) if resume else None
+        self.model = self._build_model(init, ckpt).to(self.device)
+        self.model.train()
+        self.optimizer = self._build_optimizer()
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: warmup_cosine(s, cfg.optim.warmup, self.tcfg.steps,
+                                                    cfg.optim.min_lr_ratio))
+        self.gen = torch.Generator(device=self.device).manual_seed(self.tcfg.seed + 1)
+        self.step, self.data_pos, self.bad_steps = 0, 0, 0
+        if ckpt is not None:
+            self._restore(ckpt)
+        (self.out / "config.json").write_text(cfg.to_json())
+
+    # ----------------------------------------------------------------- construction
+    def _tokenizer(self, init):
+        if init is not None:
+            return load_tokenizer(Path(init) / "tokenizer")
+        tok_dir = self.out / "tokenizer"
+        if (tok_dir / "tokenizer.json").is_file():
+            return load_tokenizer(tok_dir)
+        from unified.data import text_samples
+
+        n = self.cfg.data.tokenizer_docs
+        texts = (t for i, t in zip(range(n), text_samples(self.train_urls, resample=False)))
+        log.info("training a %d-token BPE on up to %d documents", self.cfg.vae.vocab_size, n)
+        tok = train_tokenizer(texts, vocab_size=self.cfg.vae.vocab_size)
+        tok.save_pretrained(tok_dir)
+        return tok
+
+    def _build_model(self, init, ckpt) -> ColaModel:
+        if ckpt is not None:  # everything (incl. measured latent stats) comes from the checkpoint
+            model = ColaModel.from_pretrained(ckpt / "model")
+            model.layout_cfg = self.cfg.layout
+            if self.stage == 2:
+                model.ref_vae = TextVAE.from_pretrained(ckpt / "ref_vae", low_cpu_mem_usage=False).requires_grad_(False)
+            return model
+        tok = self._tokenizer(init)
+        if self.stage == 1:
+            return ColaModel(build_vae(self.cfg, tok), None, tok, self.cfg.layout)
+        base = ColaModel.from_pretrained(init)
+        vae = base.vae
+        if not vae.has_latent_stats:
+            self._measure_latent_stats(vae, tok)
+        prior = base.prior or build_prior(self.cfg, vae.config.latent_dim)
+        model = ColaModel(vae, prior, tok, self.cfg.layout)
+        model.freeze_reference()
+        return model
+
+    def _measure_latent_stats(self, vae: TextVAE, tok, n_batches: int = 8) -> None:
+        batches = text_batches(self.train_urls, tok, seq_len=self.cfg.data.seq_len,
+                               batch_size=self.cfg.data.batch_size, seed=self.tcfg.seed + 7)
+        shift, scale = vae.measure_latent_stats(b for _, b in zip(range(n_batches), batches))
+        vae.set_latent_stats(shift, scale)
+        log.info("latent stats: |shift| mean %.3f, scale mean %.3f",
+                 shift.abs().mean().item(), scale.mean().item())
+
+    def _build_optimizer(self) -> torch.optim.Optimizer:
+        o = self.cfg.optim
+        groups = [{"params": [p for p in self.model.vae.parameters() if p.requires_grad],
+                   "lr": o.lr * (o.vae_lr_mult if self.stage == 2 else 1.0)}]
+        if self.stage == 2:
+            groups.append({"params": list(self.model.prior.parameters()), "lr": o.lr})
+        return torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas),
+                                 weight_decay=o.weight_decay)
+
+    def _restore(self, ckpt: Path) -> None:
+        state, rng, opt_t, opt_m = load_trainer_files(ckpt)
+        optimizer_from_flat(self.optimizer, {k: v.to(self.device) for k, v in opt_t.items()},
+                            opt_m)
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step, self.data_pos = state["step"], state["data_pos"]
+        self.gen.set_state(rng["generator"])
+        torch.set_rng_state(rng["torch"])
+        log.info("resumed from %s at step %d", ckpt, self.step)
+
+    # ----------------------------------------------------------------- loop
+    def _batches(self):
+        """The deterministic training stream, fast-forwarded past what was already consumed."""
+        it = text_batches(self.train_urls, self.model.tokenizer, seq_len=self.cfg.data.seq_len,
+                          batch_size=self.cfg.data.batch_size, seed=self.tcfg.seed,
+                          resample=True, skips=self.skips)
+        for _ in range(self.data_pos):
+            next(it)
+        yield from it
+
+    def _checkpoint(self) -> Path:
+        state = {"step": self.step, "data_pos": self.data_pos, "stage": self.stage,
+                 "scheduler": self.scheduler.state_dict(), "skipped_samples": self.skips.total}
+        rng = {"generator": self.gen.get_state(), "torch": torch.get_rng_state()}
+        return save_checkpoint(self.out, self.step, model=self.model, optimizer=self.optimizer,
+                               trainer_state=state, rng=rng, keep=self.tcfg.keep)
+
+    def _loss(self, batch):
+        fn = self.model.stage1_loss if self.stage == 1 else self.model.stage2_loss
+        amp = (torch.autocast(self.device.type, dtype=torch.bfloat16)
+               if self.tcfg.precision == "bf16" else nullcontext())
+        with amp:
+            return fn(batch, self.cfg.loss, self.gen)
+
+    def train(self, max_steps: int | None = None) -> list[dict]:
+        """Run to `tcfg.steps` (or stop after `max_steps` more); returns the logged records."""
+        t = self.tcfg
+        stop_at = t.steps if max_steps is None else min(t.steps, self.step + max_steps)
+        history: list[dict] = []
+        metrics = (self.out / "metrics.jsonl").open("a")
+        batches = self._batches()
+        bar = tqdm(total=t.steps, initial=self.step, desc=f"stage {self.stage}",
+                   dynamic_ncols=True, mininterval=2.0)
+        tokens, t0 = 0, time.perf_counter()
+        try:
+            while self.step < stop_at:
+                batch = {k: v.to(self.device) for k, v in next(batches).items()}
+                self.data_pos += 1
+                loss, terms = self._loss(batch)
+                if not torch.isfinite(loss):
+                    self.bad_steps += 1
+                    self.optimizer.zero_grad(set_to_none=True)
+                    log.warning("non-finite loss at step %d: step skipped (%d in a row)",
+                                self.step, self.bad_steps)
+                    if self.bad_steps >= t.max_bad_steps:
+                        raise RuntimeError(
+                            f"{self.bad_steps} non-finite losses in a row at step {self.step}; "
+                            f"stopping. The last good checkpoint is {latest_checkpoint(self.out)}")
+                    continue
+                self.bad_steps = 0
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(),
+                                                       self.cfg.optim.grad_clip)
+                self.optimizer.step()
+                self.scheduler.step()
+                self.step += 1
+                tokens += int((batch["sample_ids"] >= 0).sum())
+                rec = {"step": self.step, "loss": loss.item(),
+                       **{k: float(v) for k, v in terms.items()}}
+                history.append(rec)
+                bar.update(1)
+                if self.step % t.log_every == 0 or self.step == stop_at:
+                    dt = time.perf_counter() - t0
+                    rec.update(lr=self.scheduler.get_last_lr()[0], grad_norm=float(gnorm),
+                               tokens_per_s=tokens / dt, skipped=self.skips.total)
+                    metrics.write(json.dumps(rec) + "\n")
+                    metrics.flush()
+                    bar.set_postfix({k: f"{rec[k]:.3g}" for k in rec if k in
+                                     ("loss", "recon", "acc", "fm", "ref_kl")})
+                    log.info(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                      for k, v in rec.items()))
+                    tokens, t0 = 0, time.perf_counter()
+                if self.step % t.ckpt_every == 0:
+                    self._checkpoint()
+        finally:
+            bar.close()
+            metrics.close()
+        if self.step >= t.steps:
+            self._checkpoint()
+            self.model.save_pretrained(self.out / "final")
+            log.info("finished: model written to %s", self.out / "final")
+        return history

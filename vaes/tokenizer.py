@@ -1,0 +1,80 @@
+"""Byte-level BPE tokenizer: trained with `tokenizers`, used as a `PreTrainedTokenizerFast`.
+
+The special tokens have fixed ids: ``<pad>`` 0, ``<bos>`` 1, ``<eos>`` 2, ``<mask>`` 3.
+Save with ``tok.save_pretrained(folder)`` and load with :func:`load_tokenizer`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast
+
+PAD = "<pad>"
+BOS = "<bos>"
+EOS = "<eos>"
+MASK = "<mask>"
+SPECIAL_TOKENS = (PAD, BOS, EOS, MASK)  # ids 0, 1, 2, 3
+
+# Documents are chunked by encode_document, never truncated by the tokenizer itself.
+MODEL_MAX_LENGTH = 10**12
+
+
+def _wrap(backend: Tokenizer) -> PreTrainedTokenizerFast:
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        pad_token=PAD,
+        bos_token=BOS,
+        eos_token=EOS,
+        mask_token=MASK,
+        model_max_length=MODEL_MAX_LENGTH,
+        clean_up_tokenization_spaces=False,  # keep decode(encode(s)) == s
+    )
+
+
+def train_tokenizer(
+    texts: Iterable[str], vocab_size: int = 4096, min_frequency: int = 2
+) -> PreTrainedTokenizerFast:
+    """Train a byte-level BPE on ``texts`` (no prefix space, lossless round trip)."""
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    backend.train_from_iterator(texts, trainer=trainer)
+    for i, token in enumerate(SPECIAL_TOKENS):
+        assert backend.token_to_id(token) == i, (token, backend.token_to_id(token))
+    return _wrap(backend)
+
+
+def load_tokenizer(path: str | Path) -> PreTrainedTokenizerFast:
+    """Load a tokenizer folder written by ``tok.save_pretrained(path)``."""
+    folder = Path(path)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"tokenizer folder not found: {folder}")
+    if not (folder / "tokenizer.json").is_file():
+        raise FileNotFoundError(
+            f"no tokenizer.json in {folder}; expected a folder saved by tok.save_pretrained()"
+        )
+    tok = PreTrainedTokenizerFast.from_pretrained(str(folder))
+    for i, token in enumerate(SPECIAL_TOKENS):
+        if tok.convert_tokens_to_ids(token) != i:
+            raise ValueError(f"{folder}: special token {token!r} must have id {i}")
+    return tok
+
+
+def encode_document(tok: PreTrainedTokenizerFast, text: str, max_len: int) -> list[list[int]]:
+    """Ids of ``[bos] + text + [eos]`` cut into consecutive chunks of at most ``max_len``."""
+    if max_len < 1:
+        raise ValueError(f"max_len must be >= 1, got {max_len}")
+    # split_special_tokens: a literal "<mask>" in a document is text, not a control token.
+    body = tok.encode(text, add_special_tokens=False, split_special_tokens=True)
+    ids = [tok.bos_token_id, *body, tok.eos_token_id]
+    return [ids[i : i + max_len] for i in range(0, len(ids), max_len)]
