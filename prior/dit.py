@@ -91,8 +91,8 @@ class Attention(nn.Module):
         qkv = self.qkv(x).view(b, n, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # each [B, H, L, Dh]
         q, k = apply_rope(self.q_norm(q), *rope), apply_rope(self.k_norm(k), *rope)
-        if cache is not None and cache.length > 0:
-            ck, cv = cache.get(layer)
+        ck, cv = cache.get(layer) if cache is not None else (None, None)
+        if ck is not None:  # per layer: a commit pass appends layer by layer
             k_all, v_all = torch.cat([ck, k], 2), torch.cat([cv, v], 2)  # [B, H, Lc + L, Dh]
         else:
             k_all, v_all = k, v

@@ -62,6 +62,7 @@ class BlockOutput:
     texts: list[str]
     finished: list[bool]
     nfe: int  # DiT forward calls so far (one fused CFG call counts once)
+    latents: torch.Tensor  # [B, block, d] the block's prior-space latents
 
 
 @dataclass
@@ -200,7 +201,7 @@ class TextGenerator:
             logits = impl.commit(z, pos)  # [B, bs, V]
             new_ids = self._emit(rows, g, logits, pinned, gen, token_gen, finished,
                                  gen.max_new_tokens)
-            yield BlockOutput(g, new_ids, self._texts(rows), list(finished), impl.nfe)
+            yield BlockOutput(g, new_ids, self._texts(rows), list(finished), impl.nfe, z)
             if all(finished):
                 break
 

@@ -199,7 +199,7 @@ class Trainer:
                 self.step += 1
                 tokens += int((batch["sample_ids"] >= 0).sum())
                 rec = {"step": self.step, "loss": loss.item(),
-                       **{k: float(v) for k, v in terms.items()}}
+                       **{k: float(v.detach()) for k, v in terms.items()}}
                 history.append(rec)
                 bar.update(1)
                 if self.step % t.log_every == 0 or self.step == stop_at:

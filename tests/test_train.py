@@ -1,0 +1,94 @@
+"""The two-stage trainer: exact resume, joint stage 2, non-finite guard."""
+
+import json
+
+import pytest
+import torch
+
+from unified.config import load_preset
+from unified.corpus import iter_stdlib_docstrings
+from unified.shards import write_text_shards
+from unified.train import Trainer
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    out = tmp_path_factory.mktemp("shards")
+    records = [r for _, r in zip(range(600), iter_stdlib_docstrings())]
+    write_text_shards(records, out, max_per_shard=200)
+    return str(out)
+
+
+def tiny(shards, *extra):
+    return load_preset("text-tiny", [f'data.train="{shards}"', *extra])
+
+
+@pytest.fixture(scope="module")
+def stage1(shards, tmp_path_factory):
+    out = tmp_path_factory.mktemp("s1")
+    hist = Trainer(tiny(shards), 1, out).train()
+    return out, hist
+
+
+def losses(hist):
+    return [h["loss"] for h in hist]
+
+
+def test_stage1_resume_continues_the_same_loss_sequence(shards, stage1, tmp_path):
+    _, full = stage1
+    first = Trainer(tiny(shards), 1, tmp_path).train(max_steps=13)  # checkpoint at 10
+    assert len(first) == 13
+    resumed = Trainer(tiny(shards), 1, tmp_path)
+    assert resumed.step == 10  # the newest complete checkpoint
+    rest = resumed.train()
+    assert losses(first)[:10] == pytest.approx(losses(full)[:10], rel=1e-6)
+    assert losses(rest) == pytest.approx(losses(full)[10:], rel=1e-6)
+    assert (tmp_path / "final" / "model_index.json").is_file()
+
+
+def test_stage2_joint_training_resumes_exactly(shards, stage1, tmp_path):
+    s1_out, _ = stage1
+    init = s1_out / "final"
+    a = Trainer(tiny(shards), 2, tmp_path / "a", init=init)
+    vae_before = {k: v.clone() for k, v in a.model.vae.state_dict().items()}
+    assert a.model.vae.has_latent_stats  # measured from data, stored in the config
+    full = a.train()
+    changed = [k for k, v in a.model.vae.state_dict().items() if not torch.equal(v, vae_before[k])]
+    assert len(changed) > 0.5 * len(vae_before)  # the VAE is trained jointly
+    assert all("ref_kl" in h and "fm" in h for h in full)
+    assert full[-1]["ref_kl"] > 0  # the VAE moved away from the frozen reference
+    assert not any(p.requires_grad for p in a.model.ref_vae.parameters())
+
+    b = Trainer(tiny(shards), 2, tmp_path / "b", init=init)
+    b.train(max_steps=12)
+    rest = Trainer(tiny(shards), 2, tmp_path / "b", init=init).train()
+    assert losses(rest) == pytest.approx(losses(full)[10:], rel=1e-5)
+    cfg = json.loads((tmp_path / "a" / "final" / "text_vae" / "config.json").read_text())
+    assert len(cfg["latent_shift"]) == cfg["latent_dim"]
+
+
+def test_stage2_flow_loss_falls(shards, stage1, tmp_path):
+    init = stage1[0] / "final"
+    hist = Trainer(tiny(shards, "stage2.steps=80", "stage2.ckpt_every=1000"), 2, tmp_path,
+                   init=init).train()
+    fm = [h["fm"] for h in hist]
+    assert sum(fm[-10:]) / 10 < 0.8 * sum(fm[:10]) / 10
+
+
+def test_non_finite_losses_are_skipped_then_stop(shards, tmp_path, monkeypatch):
+    t = Trainer(tiny(shards, "stage1.max_bad_steps=3"), 1, tmp_path)
+    t.train(max_steps=10)  # a good checkpoint at step 10
+    real = t.model.stage1_loss
+    calls = {"n": 0}
+
+    def flaky(*a, **k):
+        calls["n"] += 1
+        loss, logs = real(*a, **k)
+        return (loss * float("nan"), logs) if calls["n"] in (2, 5, 6, 7) else (loss, logs)
+
+    monkeypatch.setattr(t.model, "stage1_loss", flaky)
+    with pytest.raises(RuntimeError, match="non-finite") as err:
+        t.train()
+    assert "step-00000010" in str(err.value)
+    assert t.step == 13  # steps 11, 12, 13 ran; the NaN batches were skipped, not applied
+    assert all(torch.isfinite(p).all() for p in t.model.parameters())
