@@ -71,6 +71,21 @@ def _docstrings(tree: ast.Module) -> Iterator[tuple[str, str]]:
     yield from visit(tree, "")
 
 
+def _pydoc_topics(base: Path) -> Iterator[tuple[str, str]]:
+    """(topic, text) of the language reference that ships as ``pydoc_data/topics.py``."""
+    path = base / "pydoc_data" / "topics.py"
+    try:
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, SyntaxError, ValueError):
+        return
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Dict):
+            for k, v in zip(node.keys, node.values):
+                if isinstance(k, ast.Constant) and isinstance(v, ast.Constant):
+                    if isinstance(k.value, str) and isinstance(v.value, str):
+                        yield k.value, v.value
+
+
 def _is_prose(lines: list[str], text: str, min_chars: int, min_alpha: float) -> bool:
     if len(text) < min_chars:
         return False
@@ -116,14 +131,19 @@ def iter_stdlib_docstrings(
 def _walk(base: Path, min_chars: int, min_alpha: float) -> Iterator[tuple[str, str]]:
     seen_texts: set[str] = set()
     seen_keys: set[str] = set()
+    sources: list[tuple[str, Iterator[tuple[str, str]]]] = []
     for path in _stdlib_files(base):
         try:
             source = path.read_text(encoding="utf-8")
             tree = ast.parse(source, filename=str(path))
         except (OSError, UnicodeDecodeError, SyntaxError, ValueError, RecursionError):
             continue
-        mod = _sanitize(path.relative_to(base).with_suffix("").as_posix())
-        for qual, doc in _docstrings(tree):
+        sources.append((_sanitize(path.relative_to(base).with_suffix("").as_posix()),
+                        _docstrings(tree)))
+    # the language reference shipped for `help()`: more prose of the same register
+    sources.append(("pydoc-topics", _pydoc_topics(base)))
+    for mod, docs in sources:
+        for qual, doc in docs:
             for n, para in enumerate(_BLANK_LINE.split(doc)):
                 lines = [ln.rstrip() for ln in para.strip("\n").splitlines() if ln.strip()]
                 if not lines:

@@ -111,7 +111,12 @@ class TextVAE(ModelMixin, ConfigMixin):
             if isinstance(m, nn.Linear):
                 nn.init.normal_(m.weight, std=0.02)
                 nn.init.zeros_(m.bias)
-        nn.init.normal_(self.tok_embed.weight, std=0.02)
+        # token and latent inputs must not be drowned by the unit-amplitude sin-cos positions
+        nn.init.normal_(self.tok_embed.weight, std=1.0)
+        nn.init.normal_(self.from_latent.weight, std=self.config.latent_dim ** -0.5)
+        # start with a narrow posterior (sigma = e^-3): with sigma = 1 the tiny initial means
+        # are drowned in noise, the decoder learns to ignore z and the posterior collapses
+        nn.init.constant_(self.to_moments.bias[self.config.latent_dim:], -6.0)
 
     # ----------------------------------------------------------------- latent normalization
     @property
