@@ -121,6 +121,8 @@ def integrate(
         v = velocity(z, t_tok(t0))
         if cfg.method == "heun" and i < cfg.steps - 1:
             z_pred = z + (t1 - t0) * v
+            if pinned is not None:
+                z_pred = torch.where(pinned.unsqueeze(-1), pinned_value, z_pred)
             v = 0.5 * (v + velocity(z_pred, t_tok(t1)))
         z = z + (t1 - t0) * v
         if pinned is not None:

@@ -185,6 +185,20 @@ def test_reference_is_a_masked_softmax():
     torch.testing.assert_close(attention(q, k, v, eye, "reference"), v)
 
 
+@pytest.mark.parametrize("dtype,atol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_sdpa_matches_reference_on_cuda(dtype, atol):
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    meta = random_meta(3, 40, 12)
+    mask = ensure_nonempty_rows(block_causal_mask(meta, meta)).cuda()
+    q, k, v = _qkv(3, 2, 40, 40, 16, 12, device="cuda", dtype=dtype)
+    for m in (mask, None):
+        ref = attention(q.float(), k.float(), v.float(), m, "reference")
+        out = attention(q, k, v, m, "sdpa")
+        assert out.dtype == dtype and torch.isfinite(out).all()
+        torch.testing.assert_close(out.float(), ref, atol=atol, rtol=atol)
+
+
 def _xformers_skip_reason() -> str | None:
     if not torch.cuda.is_available():
         return "no CUDA device: xformers runs only on CUDA"

@@ -112,6 +112,9 @@ def _build(cls, values: dict[str, Any]):
                              f"known: {sorted(known)}")
         default = getattr(cls(), key) if key in known else None
         if dataclasses.is_dataclass(default):
+            if not isinstance(val, dict):
+                raise ValueError(f"config key {key!r} is a section (set {key}.<field>=...), "
+                                 f"got the value {val!r}")
             kwargs[key] = _build(type(default), val)
         elif isinstance(default, tuple):
             kwargs[key] = tuple(val)
@@ -140,6 +143,8 @@ def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, A
         *parents, leaf = key.strip().split(".")
         for p in parents:
             node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"override {item!r}: {p!r} is a value, not a section")
         node[leaf] = _parse_value(raw.strip())
     return values
 
