@@ -68,9 +68,13 @@ def cmd_train(args) -> None:
 
 
 def cmd_export(args) -> None:
+    import torch
+
     from unified.model import ColaModel
 
     model = ColaModel.from_pretrained(args.src)
+    if args.dtype == "bf16":
+        model.to(torch.bfloat16)
     dst = Path(args.dst)
     tmp = dst.with_name(dst.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -146,20 +150,26 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("export", help="copy a model folder (config.json + safetensors)")
     s.add_argument("src")
     s.add_argument("dst")
+    s.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32",
+                   help="storage precision of the weights (loading always computes in fp32)")
     s.set_defaults(fn=cmd_export)
 
+    from prior.flow import SAMPLERS
+    from unified.generate import GenerationConfig
+
+    d = GenerationConfig()
     s = sub.add_parser("generate", help="continue a text prompt")
     s.add_argument("prompt")
     s.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT))
-    s.add_argument("--max-new-tokens", type=int, default=64)
-    s.add_argument("--steps", type=int, default=8)
-    s.add_argument("--guidance", type=float, default=2.0)
-    s.add_argument("--shift", type=float, default=1.0)
-    s.add_argument("--sampler", default="euler", choices=["euler", "heun"])
-    s.add_argument("--temperature", type=float, default=0.0)
-    s.add_argument("--top-k", type=int, default=0)
-    s.add_argument("--top-p", type=float, default=1.0)
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
+    s.add_argument("--steps", type=int, default=d.steps, help="ODE steps per block")
+    s.add_argument("--guidance", type=float, default=d.guidance, help="CFG scale (1 = off)")
+    s.add_argument("--shift", type=float, default=d.shift, help="SD3 schedule shift")
+    s.add_argument("--sampler", default=d.method, choices=list(SAMPLERS))
+    s.add_argument("--temperature", type=float, default=d.temperature, help="0 = greedy")
+    s.add_argument("--top-k", type=int, default=d.top_k)
+    s.add_argument("--top-p", type=float, default=d.top_p)
+    s.add_argument("--seed", type=int, default=d.seed)
     s.set_defaults(fn=cmd_generate)
 
     s = sub.add_parser("eval", help="measure a model")

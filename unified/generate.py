@@ -27,12 +27,12 @@ from unified.model import ColaModel
 
 @dataclass(frozen=True)
 class GenerationConfig:
-    max_new_tokens: int = 128
+    max_new_tokens: int = 64
     steps: int = 8
     guidance: float = 2.0
     shift: float = 1.0
     method: str = "euler"
-    temperature: float = 1.0  # 0 = greedy decoding of each latent
+    temperature: float = 0.0  # token sampling in the decoder; 0 = greedy (the flow samples)
     top_k: int = 0
     top_p: float = 1.0
     seed: int = 0

@@ -124,4 +124,5 @@ class ColaModel(nn.Module):
         vae = TextVAE.from_pretrained(folder / "text_vae", low_cpu_mem_usage=False)
         prior = DiT.from_pretrained(folder / "prior", low_cpu_mem_usage=False) if index.get("prior") else None
         layout = TextLayoutConfig(block_size=index.get("layout", {}).get("block_size", 16))
-        return cls(vae, prior, tok, layout).to(device).eval()
+        # weights may be stored in bf16 to keep the bundled model small; compute in fp32
+        return cls(vae, prior, tok, layout).to(device=device, dtype=torch.float32).eval()

@@ -99,7 +99,8 @@ class Trainer:
             model = ColaModel.from_pretrained(ckpt / "model")
             model.layout_cfg = self.cfg.layout
             if self.stage == 2:
-                model.ref_vae = TextVAE.from_pretrained(ckpt / "ref_vae", low_cpu_mem_usage=False).requires_grad_(False)
+                ref = TextVAE.from_pretrained(ckpt / "ref_vae", low_cpu_mem_usage=False)
+                model.ref_vae = ref.requires_grad_(False).eval()
             return model
         tok = self._tokenizer(init)
         if self.stage == 1:

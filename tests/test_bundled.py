@@ -1,0 +1,43 @@
+"""The bundled model in demo/checkpoint: quality floors and the command line on it."""
+
+import pytest
+
+from unified.cli import DEFAULT_CHECKPOINT, main
+from unified.evaluate import evaluate_text_vae
+from unified.generate import GenerationConfig, TextGenerator
+from unified.model import ColaModel
+
+
+@pytest.fixture(scope="module")
+def bundled():
+    assert (DEFAULT_CHECKPOINT / "model_index.json").is_file(), "the bundled model is missing"
+    return ColaModel.from_pretrained(DEFAULT_CHECKPOINT)
+
+
+def test_bundled_text_vae_reconstructs_heldout_text(bundled):
+    report = evaluate_text_vae(bundled, None, max_docs=200)  # the corpus' held-out split
+    assert report["documents"] >= 50
+    assert report["token_accuracy"] >= 0.99
+    assert report["token_accuracy_at_t0.1"] >= 0.95
+
+
+def test_bundled_model_generates_words(bundled):
+    gen = GenerationConfig(max_new_tokens=32, steps=8, guidance=2.0, temperature=0.0, seed=0)
+    text = TextGenerator(bundled).generate("Return the number of", gen)
+    words = text.split()
+    assert len(words) >= 3
+    # most generated words are words of the tokenizer's training language, not byte soup
+    assert sum(w.strip('.,;:()"').isalpha() for w in words) >= 0.5 * len(words)
+
+
+def test_cli_generate_streams_the_continuation(capsys):
+    assert main(["generate", "The file is", "--max-new-tokens", "16", "--seed", "1"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("The file is") and len(out.strip()) > len("The file is")
+
+
+@pytest.mark.parametrize("prompt,hint", [("", "empty"), ("word " * 400, "too long")])
+def test_cli_generate_bad_prompt_is_one_clear_line(capsys, prompt, hint):
+    assert main(["generate", prompt]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and hint in err[0] and "Traceback" not in err[0]
