@@ -92,3 +92,18 @@ def test_non_finite_losses_are_skipped_then_stop(shards, tmp_path, monkeypatch):
     assert "step-00000010" in str(err.value)
     assert t.step == 13  # steps 11, 12, 13 ran; the NaN batches were skipped, not applied
     assert all(torch.isfinite(p).all() for p in t.model.parameters())
+
+
+def test_training_skips_and_counts_a_truncated_shard(tmp_path):
+    data = tmp_path / "data"
+    records = [r for _, r in zip(range(200), iter_stdlib_docstrings())]
+    paths = write_text_shards(records, data, max_per_shard=5)
+    for p in paths[::3]:  # cut every third shard mid-file
+        raw = p.read_bytes()
+        p.write_bytes(raw[: len(raw) // 2 + 100])
+    t = Trainer(tiny(str(data), "stage1.steps=30", "stage1.log_every=30"), 1, tmp_path / "run")
+    hist = t.train()
+    assert len(hist) == 30 and all(h["loss"] == h["loss"] for h in hist)
+    assert t.skips.total >= 1
+    logged = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert logged["skipped"] == t.skips.total

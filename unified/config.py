@@ -58,6 +58,7 @@ class DataConfig:
     seq_len: int = 256
     batch_size: int = 16
     tokenizer_docs: int = 20000  # documents used to train the BPE in stage 1
+    shuffle_buffer: int = 1000  # samples mixed across drawn shards (a shard reads in order)
 
 
 @dataclass

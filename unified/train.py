@@ -88,7 +88,8 @@ class Trainer:
         from unified.data import text_samples
 
         n = self.cfg.data.tokenizer_docs
-        texts = (t for i, t in zip(range(n), text_samples(self.train_urls, resample=False)))
+        texts = (t for i, t in zip(range(n), text_samples(self.train_urls, resample=False,
+                                                                skips=self.skips)))
         log.info("training a %d-token BPE on up to %d documents", self.cfg.vae.vocab_size, n)
         tok = train_tokenizer(texts, vocab_size=self.cfg.vae.vocab_size)
         tok.save_pretrained(tok_dir)
@@ -146,7 +147,8 @@ class Trainer:
         """The deterministic training stream, fast-forwarded past what was already consumed."""
         it = text_batches(self.train_urls, self.model.tokenizer, seq_len=self.cfg.data.seq_len,
                           batch_size=self.cfg.data.batch_size, seed=self.tcfg.seed,
-                          resample=True, skips=self.skips)
+                          resample=True, skips=self.skips,
+                          shuffle_buffer=self.cfg.data.shuffle_buffer)
         for _ in range(self.data_pos):
             next(it)
         yield from it
