@@ -15,8 +15,9 @@ def bundled():
 
 
 def test_bundled_text_vae_reconstructs_heldout_text(bundled):
-    report = evaluate_text_vae(bundled, None, max_docs=200)  # the corpus' held-out split
-    assert report["documents"] >= 50
+    # the default corpus' held-out split (its standard-library part: the walk stops there)
+    report = evaluate_text_vae(bundled, None, max_docs=75)
+    assert report["documents"] == 75 and report["tokens"] > 2000
     assert report["token_accuracy"] >= 0.99
     assert report["token_accuracy_at_t0.1"] >= 0.95
 

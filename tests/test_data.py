@@ -142,7 +142,7 @@ def test_read_text_inputs(tmp_path, caplog):
 
 
 def test_make_default_corpus_shards(corpus, tmp_path):
-    counts = make_default_corpus_shards(tmp_path, max_per_shard=1500)
+    counts = make_default_corpus_shards(tmp_path, max_per_shard=1500, records=corpus)
     n_held = sum(is_heldout(k) for k, _ in corpus)
     assert counts == {
         "train_docs": len(corpus) - n_held,
@@ -269,3 +269,17 @@ def test_text_batches_stream(tok, corpus, tmp_path):
     n_tokens = sum(len(c) for _, t in corpus[:120] for c in encode_document(tok, t, 64))
     assert sum(int((b["sample_ids"] >= 0).sum()) for b in one_pass) <= n_tokens
     assert 30 * 4 * 64 > n_tokens
+
+
+def test_default_corpus_adds_installed_torch_docstrings():
+    import itertools
+
+    from unified.corpus import iter_default_corpus, iter_package_docstrings
+
+    torch_docs = list(itertools.islice(iter_package_docstrings("torch"), 50))
+    assert len(torch_docs) == 50 and all(k.startswith("torch-") for k, _ in torch_docs)
+    assert all("." not in k for k, _ in torch_docs)
+    assert list(iter_package_docstrings("no_such_package_here")) == []
+    # the default corpus starts with the standard library, then continues into torch
+    head = list(itertools.islice(iter_default_corpus(), 10))
+    assert not any(k.startswith("torch-") for k, _ in head)

@@ -1,9 +1,10 @@
-"""Default English text corpus, made offline from the Python standard library's docstrings.
+"""Default English text corpus, made offline from docstrings that every install already has.
 
-Every Python install ships a few megabytes of hand-written English prose in the docstrings of
-its standard library. :func:`iter_stdlib_docstrings` extracts the prose paragraphs from them
-(no network, no download, deterministic for a given interpreter), and :func:`is_heldout`
-splits them into train / held-out sets by a stable hash of the sample key.
+Every Python install ships a megabyte of hand-written English prose in the docstrings of its
+standard library and its bundled language reference; the project's pinned torch adds more of
+the same register. :func:`iter_default_corpus` extracts the prose paragraphs from both (no
+network, no download, deterministic for a given interpreter and torch version), and
+:func:`is_heldout` splits them into train / held-out sets by a stable hash of the sample key.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ SKIP_DIRS = frozenset(
         "__pycache__",
         "turtledemo",
         "ensurepip",
+        "testing",
+        "_vendor",
     }
 )
 
@@ -106,6 +109,18 @@ def _is_prose(lines: list[str], text: str, min_chars: int, min_alpha: float) -> 
 _CACHE: dict[tuple[str, int, float], tuple[tuple[str, str], ...]] = {}
 
 
+def _replay_or_walk(cache_key, walk: Iterator[tuple[str, str]]) -> Iterator[tuple[str, str]]:
+    """Yield a walk lazily; once one has run to the end, later calls replay it from memory."""
+    if cache_key in _CACHE:
+        yield from _CACHE[cache_key]
+        return
+    done: list[tuple[str, str]] = []
+    for item in walk:
+        done.append(item)
+        yield item
+    _CACHE[cache_key] = tuple(done)
+
+
 def iter_stdlib_docstrings(
     min_chars: int = 80, *, min_alpha: float = 0.75, root: str | Path | None = None
 ) -> Iterator[tuple[str, str]]:
@@ -114,25 +129,18 @@ def iter_stdlib_docstrings(
     Keys look like ``email-utils__parseaddr__p0``: only ``[A-Za-z0-9_-]`` (no dots, which
     webdataset would read as an extension separator), unique, and the same on every run.
     Files that cannot be read or parsed are skipped. Exact duplicate paragraphs are dropped.
-    The walk is lazy; once one has run to the end, later calls replay it from memory.
     """
     base = Path(root) if root is not None else Path(sysconfig.get_paths()["stdlib"])
-    cache_key = (str(base), min_chars, min_alpha)
-    if cache_key in _CACHE:
-        yield from _CACHE[cache_key]
-        return
-    done: list[tuple[str, str]] = []
-    for item in _walk(base, min_chars, min_alpha):
-        done.append(item)
-        yield item
-    _CACHE[cache_key] = tuple(done)
+    yield from _replay_or_walk((str(base), min_chars, min_alpha),
+                               _walk(base, min_chars, min_alpha))
 
 
-def _walk(base: Path, min_chars: int, min_alpha: float) -> Iterator[tuple[str, str]]:
+def _walk(base: Path, min_chars: int, min_alpha: float, *, files: list[Path] | None = None,
+          with_topics: bool = True) -> Iterator[tuple[str, str]]:
     seen_texts: set[str] = set()
     seen_keys: set[str] = set()
     sources: list[tuple[str, Iterator[tuple[str, str]]]] = []
-    for path in _stdlib_files(base):
+    for path in files if files is not None else _stdlib_files(base):
         try:
             source = path.read_text(encoding="utf-8")
             tree = ast.parse(source, filename=str(path))
@@ -141,7 +149,8 @@ def _walk(base: Path, min_chars: int, min_alpha: float) -> Iterator[tuple[str, s
         sources.append((_sanitize(path.relative_to(base).with_suffix("").as_posix()),
                         _docstrings(tree)))
     # the language reference shipped for `help()`: more prose of the same register
-    sources.append(("pydoc-topics", _pydoc_topics(base)))
+    if with_topics:
+        sources.append(("pydoc-topics", _pydoc_topics(base)))
     for mod, docs in sources:
         for qual, doc in docs:
             for n, para in enumerate(_BLANK_LINE.split(doc)):
@@ -159,6 +168,51 @@ def _walk(base: Path, min_chars: int, min_alpha: float) -> Iterator[tuple[str, s
                         i += 1
                     key = f"{key}-{i}"
                 seen_keys.add(key)
+                yield key, text
+
+
+# Installed packages whose docstrings join the default corpus. torch is pinned by the project,
+# so its prose is the same on every machine where the project is installed.
+DEFAULT_PACKAGES = ("torch",)
+
+
+def _package_root(name: str) -> tuple[Path, Path] | None:
+    """(site-packages folder, package folder) of an installed package, without importing it."""
+    import importlib.util
+
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    pkg = Path(next(iter(spec.submodule_search_locations)))
+    return pkg.parent, pkg
+
+
+def iter_package_docstrings(name: str, min_chars: int = 80, *, min_alpha: float = 0.75
+                            ) -> Iterator[tuple[str, str]]:
+    """Prose paragraphs from the docstrings of an installed package (keys start with its name).
+
+    Nothing is yielded when the package is not installed.
+    """
+    roots = _package_root(name)
+    if roots is None:
+        return
+    site, pkg = roots
+    walk = _walk(site, min_chars, min_alpha, files=_stdlib_files(pkg), with_topics=False)
+    yield from _replay_or_walk((str(pkg), min_chars, min_alpha), walk)
+
+
+def iter_default_corpus(min_chars: int = 80) -> Iterator[tuple[str, str]]:
+    """The default corpus: the standard library's prose, then DEFAULT_PACKAGES' docstrings.
+
+    Exact duplicate paragraphs across sources are dropped (first occurrence wins).
+    """
+    seen: set[str] = set()
+    sources = [iter_stdlib_docstrings(min_chars)]
+    sources += [iter_package_docstrings(name, min_chars) for name in DEFAULT_PACKAGES]
+    for source in sources:
+        for key, text in source:
+            if text not in seen:
+                seen.add(text)
                 yield key, text
 
 

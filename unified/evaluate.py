@@ -16,9 +16,9 @@ def heldout_texts(data: str | Path | None, max_docs: int) -> list[str]:
     if data is not None and Path(data).exists():
         texts = text_samples(str(data), resample=False)
     else:
-        from unified.corpus import is_heldout, iter_stdlib_docstrings
+        from unified.corpus import is_heldout, iter_default_corpus
 
-        texts = (text for key, text in iter_stdlib_docstrings() if is_heldout(key))
+        texts = (text for key, text in iter_default_corpus() if is_heldout(key))
     return [t for _, t in zip(range(max_docs), texts)]
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import webdataset as wds
 
-from unified.corpus import is_heldout, iter_stdlib_docstrings
+from unified.corpus import is_heldout, iter_default_corpus
 from unified.data import SkipCounter
 
 TEXT_SUFFIXES = (".txt", ".jsonl")
@@ -134,12 +134,17 @@ def read_text_inputs(
     return generate()
 
 
-def make_default_corpus_shards(out_dir: str | Path, max_per_shard: int = 2000) -> dict[str, int]:
-    """Write the stdlib-docstring corpus to ``out_dir/train/`` and ``out_dir/heldout/``."""
+def make_default_corpus_shards(
+    out_dir: str | Path,
+    max_per_shard: int = 2000,
+    records: Iterable[tuple[str, str]] | None = None,
+) -> dict[str, int]:
+    """Write the default corpus (or `records`) to ``out_dir/train/`` and ``out_dir/heldout/``,
+    split by :func:`unified.corpus.is_heldout`."""
     out = Path(out_dir)
     train: list[tuple[str, str]] = []
     heldout: list[tuple[str, str]] = []
-    for key, text in iter_stdlib_docstrings():
+    for key, text in records if records is not None else iter_default_corpus():
         (heldout if is_heldout(key) else train).append((key, text))
     train_shards = write_text_shards(train, out / "train", "text", max_per_shard)
     heldout_shards = write_text_shards(heldout, out / "heldout", "text", max_per_shard)
