@@ -283,3 +283,14 @@ def test_default_corpus_adds_installed_torch_docstrings():
     # the default corpus starts with the standard library, then continues into torch
     head = list(itertools.islice(iter_default_corpus(), 10))
     assert not any(k.startswith("torch-") for k, _ in head)
+
+
+def test_pack_batches_pads_samples_to_whole_patches(tok):
+    texts = ["one two three", "four five six seven eight", "nine"]
+    batch = next(pack_batches(texts, tok, seq_len=32, batch_size=1, drop_last=False,
+                              multiple_of=4))
+    sid = batch["sample_ids"][0]
+    for s in range(int(sid.max()) + 1):
+        idx = (sid == s).nonzero().flatten()
+        assert len(idx) % 4 == 0 and int(idx[0]) % 4 == 0  # whole patches, aligned
+        assert batch["positions"][0, idx].tolist() == list(range(len(idx)))

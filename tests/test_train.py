@@ -107,3 +107,19 @@ def test_training_skips_and_counts_a_truncated_shard(tmp_path):
     assert t.skips.total >= 1
     logged = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
     assert logged["skipped"] == t.skips.total
+
+
+def test_patch_size_two_trains_both_stages(shards, tmp_path):
+    """p = 2 tokens per latent: samples are padded to whole patches, no patch straddles two."""
+    cfg = tiny(shards, "vae.patch_size=2", "stage1.steps=6", "stage2.steps=6")
+    s1 = Trainer(cfg, 1, tmp_path / "s1").train()
+    s2 = Trainer(cfg, 2, tmp_path / "s2", init=tmp_path / "s1" / "final").train()
+    assert all(h["loss"] == h["loss"] for h in s1 + s2) and s2[-1]["fm"] > 0
+    from unified.model import ColaModel
+
+    model = ColaModel.from_pretrained(tmp_path / "s2" / "final")
+    assert model.vae.config.patch_size == 2
+    from unified.evaluate import evaluate_text_vae
+
+    report = evaluate_text_vae(model, shards, max_docs=20, seq_len=32)
+    assert 0.0 <= report["token_accuracy"] <= 1.0 and report["tokens"] > 100

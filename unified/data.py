@@ -172,6 +172,7 @@ def pack_batches(
     seq_len: int,
     batch_size: int,
     drop_last: bool = True,
+    multiple_of: int = 1,
 ) -> Iterator[dict[str, torch.Tensor]]:
     """Pack tokenized samples greedily into rows of ``seq_len`` and yield batches of rows.
 
@@ -181,9 +182,13 @@ def pack_batches(
     LongTensors: ``input_ids`` (pad id on padding), ``sample_ids`` (0, 1, ... per sample in the
     row, -1 on padding) and ``positions`` (index inside the sample, 0 on padding). A final
     partial batch is dropped; a final partial row is emitted if it completes a batch.
+    ``multiple_of`` (a VAE's patch size) pads every sample with pad tokens of its own to a
+    multiple of that many tokens, so a patch never straddles two samples.
     """
     if seq_len < 1 or batch_size < 1:
         raise ValueError(f"seq_len and batch_size must be >= 1, got {seq_len}, {batch_size}")
+    if multiple_of < 1 or seq_len % multiple_of:
+        raise ValueError(f"seq_len {seq_len} must be a multiple of multiple_of {multiple_of}")
     pad_id = tokenizer.pad_token_id
     input_ids = torch.full((batch_size, seq_len), pad_id, dtype=torch.long)
     sample_ids = torch.full((batch_size, seq_len), -1, dtype=torch.long)
@@ -200,6 +205,7 @@ def pack_batches(
 
     for text in texts:
         for chunk in encode_document(tokenizer, text, seq_len):
+            chunk = chunk + [pad_id] * (-len(chunk) % multiple_of)
             n = len(chunk)
             if col + n > seq_len:  # close this row
                 row, col, sid = row + 1, 0, 0
@@ -225,9 +231,11 @@ def text_batches(
     resample: bool = True,
     skips: SkipCounter | None = None,
     shuffle_buffer: int = 0,
+    multiple_of: int = 1,
 ) -> Iterator[dict[str, torch.Tensor]]:
     """Packed token batches from text shards: ``pack_batches(text_samples(...))``."""
     texts = text_samples(
         urls, seed=seed, resample=resample, shuffle_buffer=shuffle_buffer, skips=skips
     )
-    return pack_batches(iter(texts), tokenizer, seq_len=seq_len, batch_size=batch_size)
+    return pack_batches(iter(texts), tokenizer, seq_len=seq_len, batch_size=batch_size,
+                        multiple_of=multiple_of)

@@ -36,10 +36,10 @@ def evaluate_text_vae(model: ColaModel, data: str | Path | None = None, *, max_d
     correct = {"clean": 0, "noised": 0}
     total = 0
     for batch in pack_batches(texts, model.tokenizer, seq_len=seq_len, batch_size=8,
-                              drop_last=False):
+                              drop_last=False, multiple_of=vae.config.patch_size):
         batch = {k: v.to(vae.device) for k, v in batch.items()}
         ids, sample_ids, positions = batch["input_ids"], batch["sample_ids"], batch["positions"]
-        valid = sample_ids >= 0
+        real = (sample_ids >= 0) & (ids != model.tokenizer.pad_token_id)  # not patch padding
         mean, _ = vae.encode(ids, sample_ids, positions)
         lat_s, lat_p = vae.latent_meta(sample_ids, positions)
         z = vae.normalize(mean)
@@ -47,8 +47,8 @@ def evaluate_text_vae(model: ColaModel, data: str | Path | None = None, *, max_d
         t = torch.full(z.shape[:-1], noise_t, device=z.device)
         for name, zz in (("clean", z), ("noised", interpolate(z, eps, t))):
             logits, _ = vae.decode(vae.denormalize(zz), lat_s, lat_p)
-            correct[name] += int(((logits.argmax(-1) == ids) & valid).sum())
-        total += int(valid.sum())
+            correct[name] += int(((logits.argmax(-1) == ids) & real).sum())
+        total += int(real.sum())
     return {"documents": len(texts), "tokens": total,
             "token_accuracy": correct["clean"] / total,
             f"token_accuracy_at_t{noise_t:g}": correct["noised"] / total}

@@ -101,6 +101,10 @@ class TextGenerator:
     def __init__(self, model: ColaModel):
         if model.prior is None:
             raise ValueError("this model has no prior (a stage-1 VAE); train stage 2 first")
+        if model.vae.config.patch_size != 1:
+            raise ValueError(
+                f"block-wise generation supports patch_size 1 (one latent per token); this "
+                f"model's Text VAE has patch_size {model.vae.config.patch_size}")
         self.model = model
         self.vae, self.prior, self.tok = model.vae, model.prior, model.tokenizer
         self.bs = model.block_size

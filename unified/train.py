@@ -117,7 +117,8 @@ class Trainer:
 
     def _measure_latent_stats(self, vae: TextVAE, tok, n_batches: int = 8) -> None:
         batches = text_batches(self.train_urls, tok, seq_len=self.cfg.data.seq_len,
-                               batch_size=self.cfg.data.batch_size, seed=self.tcfg.seed + 7)
+                               batch_size=self.cfg.data.batch_size, seed=self.tcfg.seed + 7,
+                               multiple_of=vae.config.patch_size)
         shift, scale = vae.measure_latent_stats(b for _, b in zip(range(n_batches), batches))
         vae.set_latent_stats(shift, scale)
         log.info("latent stats: |shift| mean %.3f, scale mean %.3f",
@@ -148,7 +149,8 @@ class Trainer:
         it = text_batches(self.train_urls, self.model.tokenizer, seq_len=self.cfg.data.seq_len,
                           batch_size=self.cfg.data.batch_size, seed=self.tcfg.seed,
                           resample=True, skips=self.skips,
-                          shuffle_buffer=self.cfg.data.shuffle_buffer)
+                          shuffle_buffer=self.cfg.data.shuffle_buffer,
+                          multiple_of=self.model.vae.config.patch_size)
         for _ in range(self.data_pos):
             next(it)
         yield from it
