@@ -49,6 +49,7 @@ class LossConfig:
     lambda_vae: float = 1.0  # stage 2: weight of the VAE terms
     lambda_fm: float = 1.0  # stage 2: flow-matching weight
     lambda_ref: float = 0.1  # stage 2: KL(q_phi || q_phi_ref) to the frozen stage-1 encoder
+    sample_posterior: bool = True  # z ~ q(z|x); False uses the mean (deterministic ablation)
 
 
 @dataclass
@@ -70,6 +71,7 @@ class OptimConfig:
     warmup: int = 100
     min_lr_ratio: float = 0.1
     grad_clip: float = 1.0
+    grad_accum: int = 1  # micro-batches per optimizer step (data.batch_size is the global batch)
 
 
 @dataclass

@@ -132,6 +132,7 @@ def text_samples(
     resample: bool = False,
     shuffle_buffer: int = 0,
     skips: SkipCounter | None = None,
+    same_on_all_ranks: bool = False,
 ) -> IterableDataset:
     """Stream of ``str`` texts from ``KEY.txt`` members of webdataset shards.
 
@@ -140,12 +141,15 @@ def text_samples(
     ``resample=True``: an endless stream drawing shards with replacement, deterministic given
     ``seed`` (and the rank / worker, so each gets its own stream). Samples without text or with
     undecodable text, and unreadable shards, are skipped and counted in ``skips``.
+    ``same_on_all_ranks=True`` (resampled only) gives every rank the same stream, which the
+    trainer slices by rank so a multi-rank step sees exactly the single-process global batch.
     """
     shard_list = expand_urls(urls)
     handler = skips if skips is not None else SkipCounter()
     if resample:
         pipeline = wds.DataPipeline(
-            wds.ResampledShards(shard_list, seed=seed, deterministic=True),
+            wds.ResampledShards(shard_list, seed=seed, deterministic=True,
+                                **({"worker_seed": lambda: 0} if same_on_all_ranks else {})),
             wds.tarfile_to_samples(handler=handler),
         )
     else:
@@ -232,10 +236,12 @@ def text_batches(
     skips: SkipCounter | None = None,
     shuffle_buffer: int = 0,
     multiple_of: int = 1,
+    same_on_all_ranks: bool = False,
 ) -> Iterator[dict[str, torch.Tensor]]:
     """Packed token batches from text shards: ``pack_batches(text_samples(...))``."""
     texts = text_samples(
-        urls, seed=seed, resample=resample, shuffle_buffer=shuffle_buffer, skips=skips
+        urls, seed=seed, resample=resample, shuffle_buffer=shuffle_buffer, skips=skips,
+        same_on_all_ranks=same_on_all_ranks,
     )
     return pack_batches(iter(texts), tokenizer, seq_len=seq_len, batch_size=batch_size,
                         multiple_of=multiple_of)

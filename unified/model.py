@@ -68,9 +68,14 @@ class ColaModel(nn.Module):
         self.ref_vae = copy.deepcopy(self.vae).requires_grad_(False).eval()
 
     # ----------------------------------------------------------------- losses
+    def forward(self, batch: dict, stage: int, w: LossConfig, generator=None):
+        """(loss, logged terms) of a training stage; the entry point DDP wraps."""
+        return (self.stage1_loss if stage == 1 else self.stage2_loss)(batch, w, generator)
+
     def stage1_loss(self, batch: dict, w: LossConfig, generator=None) -> tuple[torch.Tensor, dict]:
         terms = self.vae.stage1_terms(batch, mask_prob=w.mask_prob,
-                                      decoder_noise=w.decoder_noise, generator=generator)
+                                      decoder_noise=w.decoder_noise,
+                                      sample=w.sample_posterior, generator=generator)
         loss = terms["recon"] + w.beta * terms["kl"] + w.lambda_mask * terms["mask"]
         return loss, {k: terms[k] for k in ("recon", "kl", "mask", "acc")}
 
@@ -88,7 +93,8 @@ class ColaModel(nn.Module):
         ref_kl = gaussian_kl(mean.float(), logvar.float(), ref_mean.float(), ref_logvar.float())
         ref_kl = (ref_kl * lat_valid).sum() / lat_valid.sum().clamp_min(1)
 
-        z0 = self.vae.normalize(self.vae.posterior_sample(mean, logvar, generator))
+        z = self.vae.posterior_sample(mean, logvar, generator) if w.sample_posterior else mean
+        z0 = self.vae.normalize(z)
         lay = text_to_text_layout(z0, lat_s, lat_p, self.layout_cfg, generator)
         v = self.prior(lay.z, lay.t, lay.modality, lay.positions, lay.attention_mask())
         err = (v.float() - lay.target.float()).pow(2).mean(-1)  # [B, 2L]

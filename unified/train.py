@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from unified import distributed as dist_utils
 from unified.checkpoint import (
     latest_checkpoint,
     load_trainer_files,
@@ -60,6 +61,14 @@ class Trainer:
         self.cfg, self.stage, self.out = cfg, stage, Path(out_dir)
         self.tcfg: TrainConfig = cfg.stage1 if stage == 1 else cfg.stage2
         self.device = resolve_device(self.tcfg.device)
+        self.dist = dist_utils.init_distributed(self.device.type)
+        if self.device.type == "cuda" and self.dist.enabled:
+            self.device = torch.device("cuda", self.dist.local_rank)
+        per_step = self.dist.world * cfg.optim.grad_accum
+        if cfg.data.batch_size % per_step:
+            raise ValueError(f"data.batch_size {cfg.data.batch_size} (the global batch) must be a "
+                             f"multiple of world size x grad_accum = {per_step}")
+        self.micro_rows = cfg.data.batch_size // per_step
         self.out.mkdir(parents=True, exist_ok=True)
         self.train_urls = expand_urls(cfg.data.train)
         self.skips = SkipCounter()
@@ -68,22 +77,35 @@ class Trainer:
         ckpt = latest_checkpoint(self.out) if resume else None
         self.model = self._build_model(init, ckpt).to(self.device)
         self.model.train()
+        self.train_model = self.model
+        if self.dist.enabled:  # gradients all-reduced during backward
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.train_model = DistributedDataParallel(self.model, device_ids=ids)
         self.optimizer = self._build_optimizer()
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: warmup_cosine(s, cfg.optim.warmup, self.tcfg.steps,
                                                     cfg.optim.min_lr_ratio))
-        self.gen = torch.Generator(device=self.device).manual_seed(self.tcfg.seed + 1)
+        # per-rank stream of training randomness (masks, posterior noise, times, flow noise)
+        self.gen = torch.Generator(device=self.device).manual_seed(
+            self.tcfg.seed + 1 + 1000 * self.dist.rank)
         self.step, self.data_pos, self.bad_steps = 0, 0, 0
         if ckpt is not None:
             self._restore(ckpt)
-        (self.out / "config.json").write_text(cfg.to_json())
+        if self.dist.is_main:
+            (self.out / "config.json").write_text(cfg.to_json())
 
     # ----------------------------------------------------------------- construction
     def _tokenizer(self, init):
         if init is not None:
             return load_tokenizer(Path(init) / "tokenizer")
         tok_dir = self.out / "tokenizer"
+        if not self.dist.is_main:  # rank 0 trains (or finds) it; the others load its file
+            dist_utils.barrier(self.dist)
+            return load_tokenizer(tok_dir)
         if (tok_dir / "tokenizer.json").is_file():
+            dist_utils.barrier(self.dist)
             return load_tokenizer(tok_dir)
         from unified.data import text_samples
 
@@ -93,6 +115,7 @@ class Trainer:
         log.info("training a %d-token BPE on up to %d documents", self.cfg.vae.vocab_size, n)
         tok = train_tokenizer(texts, vocab_size=self.cfg.vae.vocab_size)
         tok.save_pretrained(tok_dir)
+        dist_utils.barrier(self.dist)
         return tok
 
     def _build_model(self, init, ckpt) -> ColaModel:
@@ -139,54 +162,108 @@ class Trainer:
                             opt_m)
         self.scheduler.load_state_dict(state["scheduler"])
         self.step, self.data_pos = state["step"], state["data_pos"]
-        self.gen.set_state(rng["generator"])
-        torch.set_rng_state(rng["torch"])
+        key = f"generator.{self.dist.rank}"
+        if key in rng:
+            self.gen.set_state(rng[key].cpu() if self.device.type == "cpu" else rng[key])
+            torch.set_rng_state(rng[f"torch.{self.dist.rank}"])
+        else:
+            log.warning("checkpoint has no RNG state for rank %d (world size changed?): "
+                        "randomness is reseeded, the loss sequence will differ", self.dist.rank)
         log.info("resumed from %s at step %d", ckpt, self.step)
 
     # ----------------------------------------------------------------- loop
     def _batches(self):
-        """The deterministic training stream, fast-forwarded past what was already consumed."""
+        """Micro-batches of this rank: the deterministic global stream (the same on every rank),
+        fast-forwarded past what was consumed, each global batch cut into grad_accum x world
+        slices. Every rank therefore takes the same number of steps, and a multi-rank step sees
+        exactly the rows a single process would."""
         it = text_batches(self.train_urls, self.model.tokenizer, seq_len=self.cfg.data.seq_len,
                           batch_size=self.cfg.data.batch_size, seed=self.tcfg.seed,
                           resample=True, skips=self.skips,
                           shuffle_buffer=self.cfg.data.shuffle_buffer,
-                          multiple_of=self.model.vae.config.patch_size)
+                          multiple_of=self.model.vae.config.patch_size,
+                          same_on_all_ranks=True)
         for _ in range(self.data_pos):
             next(it)
-        yield from it
+        b, w, r = self.micro_rows, self.dist.world, self.dist.rank
+        for batch in it:
+            yield [{k: v[(m * w + r) * b:(m * w + r + 1) * b] for k, v in batch.items()}
+                   for m in range(self.cfg.optim.grad_accum)]
 
-    def _checkpoint(self) -> Path:
-        state = {"step": self.step, "data_pos": self.data_pos, "stage": self.stage,
-                 "scheduler": self.scheduler.state_dict(), "skipped_samples": self.skips.total}
-        rng = {"generator": self.gen.get_state(), "torch": torch.get_rng_state()}
-        return save_checkpoint(self.out, self.step, model=self.model, optimizer=self.optimizer,
-                               trainer_state=state, rng=rng, keep=self.tcfg.keep)
+    def _checkpoint(self) -> Path | None:
+        mine = (self.gen.get_state().cpu(), torch.get_rng_state())
+        states = [mine]
+        if self.dist.enabled:
+            states = [None] * self.dist.world
+            torch.distributed.all_gather_object(states, mine)
+        path = None
+        if self.dist.is_main:
+            state = {"step": self.step, "data_pos": self.data_pos, "stage": self.stage,
+                     "world": self.dist.world, "scheduler": self.scheduler.state_dict(),
+                     "skipped_samples": self.skips.total}
+            rng = {}
+            for r, (g, t) in enumerate(states):
+                rng[f"generator.{r}"], rng[f"torch.{r}"] = g, t
+            path = save_checkpoint(self.out, self.step, model=self.model,
+                                   optimizer=self.optimizer, trainer_state=state, rng=rng,
+                                   keep=self.tcfg.keep)
+        dist_utils.barrier(self.dist)
+        return path
 
     def _loss(self, batch):
-        fn = self.model.stage1_loss if self.stage == 1 else self.model.stage2_loss
         amp = (torch.autocast(self.device.type, dtype=torch.bfloat16)
                if self.tcfg.precision == "bf16" else nullcontext())
         with amp:
-            return fn(batch, self.cfg.loss, self.gen)
+            return self.train_model(batch, self.stage, self.cfg.loss, self.gen)
+
+    def _step(self, micro_batches) -> tuple[torch.Tensor, dict, int] | None:
+        """Forward/backward over this rank's micro-batches. Each micro-batch's loss is weighted
+        by its share of the global batch's tokens, so the DDP-averaged gradient is the gradient
+        of the token mean over the whole global batch, as a single process would compute it.
+        Returns None when the loss was not finite on any rank (a shared decision, so no rank
+        waits on a collective the others skip)."""
+        self.optimizer.zero_grad(set_to_none=True)
+        counts = [int((mb["sample_ids"] >= 0).sum()) for mb in micro_batches]
+        mean_tokens = dist_utils.mean_across_ranks(
+            torch.tensor(float(sum(counts)), dtype=torch.float64), self.dist).item()
+        total, terms_sum = 0.0, {}
+        for i, mb in enumerate(micro_batches):
+            mb = {k: v.to(self.device) for k, v in mb.items()}
+            weight = counts[i] / max(mean_tokens, 1.0)
+            last = i == len(micro_batches) - 1
+            sync = nullcontext() if last or not self.dist.enabled else self.train_model.no_sync()
+            with sync:
+                loss, terms = self._loss(mb)
+                finite = dist_utils.mean_across_ranks(torch.isfinite(loss).float(), self.dist)
+                if finite.item() < 1.0:
+                    self.optimizer.zero_grad(set_to_none=True)
+                    return None
+                (loss * weight).backward()
+            total += loss.item() * weight
+            for k, v in terms.items():
+                terms_sum[k] = terms_sum.get(k, 0.0) + float(v.detach()) * weight
+        return torch.tensor(total), terms_sum, sum(counts) * self.dist.world
 
     def train(self, max_steps: int | None = None) -> list[dict]:
-        """Run to `tcfg.steps` (or stop after `max_steps` more); returns the logged records."""
+        """Run to `tcfg.steps` (or stop after `max_steps` more); returns the logged records
+        (losses averaged over ranks; every rank returns the same records)."""
         t = self.tcfg
         stop_at = t.steps if max_steps is None else min(t.steps, self.step + max_steps)
         history: list[dict] = []
-        metrics = (self.out / "metrics.jsonl").open("a")
+        main = self.dist.is_main
+        metrics = (self.out / "metrics.jsonl").open("a") if main else None
+        writer = self._tensorboard() if main else None
         batches = self._batches()
         bar = tqdm(total=t.steps, initial=self.step, desc=f"stage {self.stage}",
-                   dynamic_ncols=True, mininterval=2.0)
+                   dynamic_ncols=True, mininterval=2.0, disable=not main)
         tokens, t0 = 0, time.perf_counter()
         try:
             while self.step < stop_at:
-                batch = {k: v.to(self.device) for k, v in next(batches).items()}
+                micro = next(batches)
                 self.data_pos += 1
-                loss, terms = self._loss(batch)
-                if not torch.isfinite(loss):
+                done = self._step(micro)
+                if done is None:
                     self.bad_steps += 1
-                    self.optimizer.zero_grad(set_to_none=True)
                     log.warning("non-finite loss at step %d: step skipped (%d in a row)",
                                 self.step, self.bad_steps)
                     if self.bad_steps >= t.max_bad_steps:
@@ -195,36 +272,60 @@ class Trainer:
                             f"stopping. The last good checkpoint is {latest_checkpoint(self.out)}")
                     continue
                 self.bad_steps = 0
-                self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                loss, terms, n_tok = done
                 gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(),
                                                        self.cfg.optim.grad_clip)
                 self.optimizer.step()
                 self.scheduler.step()
                 self.step += 1
-                tokens += int((batch["sample_ids"] >= 0).sum())
-                rec = {"step": self.step, "loss": loss.item(),
-                       **{k: float(v.detach()) for k, v in terms.items()}}
+                tokens += n_tok
+                names = list(terms)
+                vals = dist_utils.mean_across_ranks(
+                    torch.tensor([loss.item(), *terms.values()], dtype=torch.float64), self.dist)
+                rec = {"step": self.step, "loss": vals[0].item(),
+                       **{k: vals[i + 1].item() for i, k in enumerate(names)}}
                 history.append(rec)
                 bar.update(1)
                 if self.step % t.log_every == 0 or self.step == stop_at:
                     dt = time.perf_counter() - t0
-                    rec.update(lr=self.scheduler.get_last_lr()[0], grad_norm=float(gnorm),
+                    rec.update(lr=self.scheduler.get_last_lr()[-1], grad_norm=float(gnorm),
                                tokens_per_s=tokens / dt, skipped=self.skips.total)
-                    metrics.write(json.dumps(rec) + "\n")
-                    metrics.flush()
-                    bar.set_postfix({k: f"{rec[k]:.3g}" for k in rec if k in
-                                     ("loss", "recon", "acc", "fm", "ref_kl")})
-                    log.info(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                                      for k, v in rec.items()))
+                    if main:
+                        self._log(rec, metrics, writer, bar)
                     tokens, t0 = 0, time.perf_counter()
                 if self.step % t.ckpt_every == 0:
                     self._checkpoint()
         finally:
             bar.close()
-            metrics.close()
+            if metrics is not None:
+                metrics.close()
+            if writer is not None:
+                writer.close()
         if self.step >= t.steps:
             self._checkpoint()
-            self.model.save_pretrained(self.out / "final")
-            log.info("finished: model written to %s", self.out / "final")
+            if main:
+                self.model.save_pretrained(self.out / "final")
+                log.info("finished: model written to %s", self.out / "final")
+            dist_utils.barrier(self.dist)
         return history
+
+    def _tensorboard(self):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:  # tensorboard is a dependency; tolerate a trimmed install
+            log.warning("tensorboard is not installed: no event files are written")
+            return None
+        return SummaryWriter(str(self.out / "tensorboard"))
+
+    def _log(self, rec: dict, metrics, writer, bar) -> None:
+        """Rank 0: one JSON line, TensorBoard scalars, the progress bar and a console line."""
+        metrics.write(json.dumps(rec) + "\n")
+        metrics.flush()
+        if writer is not None:
+            for k, v in rec.items():
+                if k != "step":
+                    writer.add_scalar(f"stage{self.stage}/{k}", v, rec["step"])
+        bar.set_postfix({k: f"{rec[k]:.3g}" for k in rec
+                         if k in ("loss", "recon", "acc", "fm", "ref_kl")})
+        log.info(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                          for k, v in rec.items()))

@@ -234,7 +234,7 @@ class TextVAE(ModelMixin, ConfigMixin):
         return 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar).sum(-1)
 
     def stage1_terms(self, batch: dict, *, mask_prob: float, decoder_noise: float,
-                     generator=None) -> dict:
+                     sample: bool = True, generator=None) -> dict:
         """Per-token quantities for the stage-1 loss (the caller weights and sums them).
 
         Returns dict with mean/logvar/z (posterior sample) [B, L/p, d], recon and mask CE
@@ -244,7 +244,7 @@ class TextVAE(ModelMixin, ConfigMixin):
         valid = sample_ids >= 0
         corrupted, chosen = self.mask_inputs(ids, valid, mask_prob, generator)
         mean, logvar = self.encode(corrupted, sample_ids, positions)
-        z = self.posterior_sample(mean, logvar, generator)
+        z = self.posterior_sample(mean, logvar, generator) if sample else mean
         lat_s, lat_p = self.latent_meta(sample_ids, positions)
         logits, _ = self.decode(self.flow_noise(z, decoder_noise, generator), lat_s, lat_p)
         ce = F.cross_entropy(logits.float().flatten(0, 1), ids.flatten(), reduction="none")
