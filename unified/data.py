@@ -125,6 +125,11 @@ def _to_text(sample: dict[str, Any]) -> str:
     return text
 
 
+def _all_shards(src):
+    """A node splitter that keeps every shard (each rank reads the same stream)."""
+    yield from src
+
+
 def text_samples(
     urls: str | Path | Iterable[str | Path],
     *,
@@ -141,7 +146,7 @@ def text_samples(
     ``resample=True``: an endless stream drawing shards with replacement, deterministic given
     ``seed`` (and the rank / worker, so each gets its own stream). Samples without text or with
     undecodable text, and unreadable shards, are skipped and counted in ``skips``.
-    ``same_on_all_ranks=True`` (resampled only) gives every rank the same stream, which the
+    ``same_on_all_ranks=True`` gives every rank the same stream (no split by rank), which the
     trainer slices by rank so a multi-rank step sees exactly the single-process global batch.
     """
     shard_list = expand_urls(urls)
@@ -157,7 +162,7 @@ def text_samples(
             shard_list,
             handler=handler,
             shardshuffle=len(shard_list) if shuffle_buffer > 0 else False,
-            nodesplitter=wds.split_by_node,
+            nodesplitter=_all_shards if same_on_all_ranks else wds.split_by_node,
             seed=seed,
             empty_check=False,  # a rank/worker may legitimately get no shard; not an error
         )

@@ -111,7 +111,8 @@ class Trainer:
 
         n = self.cfg.data.tokenizer_docs
         texts = (t for i, t in zip(range(n), text_samples(self.train_urls, resample=False,
-                                                                skips=self.skips)))
+                                                                skips=self.skips,
+                                                                same_on_all_ranks=True)))
         log.info("training a %d-token BPE on up to %d documents", self.cfg.vae.vocab_size, n)
         tok = train_tokenizer(texts, vocab_size=self.cfg.vae.vocab_size)
         tok.save_pretrained(tok_dir)
