@@ -7,6 +7,7 @@ import torch
 
 from unified.config import load_preset
 from unified.corpus import iter_stdlib_docstrings
+from unified.model import ColaModel
 from unified.shards import write_text_shards
 from unified.train import Trainer
 
@@ -59,10 +60,19 @@ def test_stage2_joint_training_resumes_exactly(shards, stage1, tmp_path):
     assert full[-1]["ref_kl"] > 0  # the VAE moved away from the frozen reference
     assert not any(p.requires_grad for p in a.model.ref_vae.parameters())
 
-    b = Trainer(tiny(shards), 2, tmp_path / "b", init=init)
+    b = Trainer(tiny(shards, "stage2.ema_decay=0.9"), 2, tmp_path / "b", init=init)
     b.train(max_steps=12)
-    rest = Trainer(tiny(shards), 2, tmp_path / "b", init=init).train()
-    assert losses(rest) == pytest.approx(losses(full)[10:], rel=1e-5)
+    resumed = Trainer(tiny(shards, "stage2.ema_decay=0.9"), 2, tmp_path / "b", init=init)
+    rest = resumed.train()
+    assert losses(rest) == pytest.approx(losses(full)[10:], rel=1e-5)  # EMA never feeds back
+    # the exported prior is the EMA, restored exactly across the resume
+    c = Trainer(tiny(shards, "stage2.ema_decay=0.9"), 2, tmp_path / "c", init=init)
+    c.train()
+    ema_b = ColaModel.from_pretrained(tmp_path / "b" / "final").prior.state_dict()
+    ema_c = ColaModel.from_pretrained(tmp_path / "c" / "final").prior.state_dict()
+    live = resumed.model.prior.state_dict()
+    assert all(torch.allclose(ema_b[k], ema_c[k], rtol=1e-5, atol=1e-6) for k in ema_b)
+    assert any(not torch.allclose(ema_b[k], live[k]) for k in ema_b)
     cfg = json.loads((tmp_path / "a" / "final" / "text_vae" / "config.json").read_text())
     assert len(cfg["latent_shift"]) == cfg["latent_dim"]
 

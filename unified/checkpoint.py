@@ -3,6 +3,7 @@
 A checkpoint folder `step-00001234/` holds:
   model/            the model folder (ColaModel.save_pretrained)
   ref_vae/          the frozen reference encoder (stage 2)
+  ema_prior/        the EMA of the prior (stage 2, when enabled)
   optimizer.safetensors + optimizer.json   tensors and the rest of the optimizer state
   trainer.safetensors + trainer.json       RNG states; step, data position, scheduler, config
 It is written as `.step-00001234.tmp/` and renamed when complete, so a kill mid-write never
@@ -47,7 +48,7 @@ def optimizer_from_flat(opt: torch.optim.Optimizer, tensors: dict, meta: dict) -
 
 
 def save_checkpoint(run_dir: Path, step: int, *, model, optimizer, trainer_state: dict,
-                    rng: dict[str, torch.Tensor], keep: int) -> Path:
+                    rng: dict[str, torch.Tensor], keep: int, extra: dict | None = None) -> Path:
     """Write checkpoint `step` atomically under run_dir/checkpoints and prune to `keep`."""
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
@@ -59,6 +60,8 @@ def save_checkpoint(run_dir: Path, step: int, *, model, optimizer, trainer_state
     model.save_pretrained(tmp / "model")
     if getattr(model, "ref_vae", None) is not None:
         model.ref_vae.save_pretrained(tmp / "ref_vae")
+    for name, module in (extra or {}).items():  # e.g. the EMA prior
+        module.save_pretrained(tmp / name)
     tensors, meta = optimizer_to_flat(optimizer)
     save_file(tensors, str(tmp / "optimizer.safetensors"))
     (tmp / "optimizer.json").write_text(json.dumps(meta))

@@ -63,7 +63,7 @@ def cmd_train(args) -> None:
     from unified.train import Trainer
 
     cfg = load_preset(args.preset, args.set)
-    trainer = Trainer(cfg, args.stage, args.out, init=args.init, resume=not args.no_resume)
+    trainer = Trainer(cfg, args.stage, args.out, init=args.init, resume=args.resume)
     trainer.train(max_steps=args.max_steps)
 
 
@@ -144,7 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. optim.lr=3e-4 (repeatable)")
     s.add_argument("--max-steps", type=int, help="stop after this many more steps")
-    s.add_argument("--no-resume", action="store_true", help="ignore existing checkpoints")
+    s.add_argument("--resume", default="auto", metavar="auto|none|CHECKPOINT",
+                   help="auto: continue from the newest complete checkpoint of --out (default); "
+                        "none: start over; or a checkpoint folder")
     s.set_defaults(fn=cmd_train)
 
     s = sub.add_parser("export", help="copy a model folder (config.json + safetensors)")

@@ -84,6 +84,7 @@ class TrainConfig:
     precision: str = "bf16"  # "bf16" autocast or "fp32"
     device: str = "auto"
     max_bad_steps: int = 20  # consecutive non-finite losses before the run stops
+    ema_decay: float = 0.0  # stage 2: EMA of the prior (0 = off); the export uses the EMA
 
 
 @dataclass

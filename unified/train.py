@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from prior.dit import DiT
 from unified import distributed as dist_utils
 from unified.checkpoint import (
     latest_checkpoint,
@@ -53,7 +54,7 @@ def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float) -> float
 
 class Trainer:
     def __init__(self, cfg: ColaConfig, stage: int, out_dir: str | Path, *,
-                 init: str | Path | None = None, resume: bool = True):
+                 init: str | Path | None = None, resume: bool | str | Path = "auto"):
         if stage not in (1, 2):
             raise ValueError(f"stage must be 1 or 2, got {stage}")
         if stage == 2 and init is None:
@@ -74,9 +75,17 @@ class Trainer:
         self.skips = SkipCounter()
         torch.manual_seed(self.tcfg.seed)
 
-        ckpt = latest_checkpoint(self.out) if resume else None
+        ckpt = self._find_resume(resume)
         self.model = self._build_model(init, ckpt).to(self.device)
         self.model.train()
+        self.ema = None
+        if self.stage == 2 and self.tcfg.ema_decay > 0:
+            from timm.utils import ModelEmaV3
+
+            self.ema = ModelEmaV3(self.model.prior, decay=self.tcfg.ema_decay, use_warmup=True)
+            if ckpt is not None:
+                ema = DiT.from_pretrained(ckpt / "ema_prior", low_cpu_mem_usage=False)
+                self.ema.module.load_state_dict(ema.state_dict())
         self.train_model = self.model
         if self.dist.enabled:  # gradients all-reduced during backward
             from torch.nn.parallel import DistributedDataParallel
@@ -97,6 +106,18 @@ class Trainer:
             (self.out / "config.json").write_text(cfg.to_json())
 
     # ----------------------------------------------------------------- construction
+    def _find_resume(self, resume) -> Path | None:
+        """'auto' (or True): the newest complete checkpoint of this run, if any; 'none' (or
+        False): start over; a path: that checkpoint."""
+        if resume in (True, "auto"):
+            return latest_checkpoint(self.out)
+        if resume in (False, "none", None):
+            return None
+        path = Path(resume)
+        if not (path / "trainer.json").is_file():
+            raise FileNotFoundError(f"{path} is not a complete checkpoint (no trainer.json)")
+        return path
+
     def _tokenizer(self, init):
         if init is not None:
             return load_tokenizer(Path(init) / "tokenizer")
@@ -207,9 +228,16 @@ class Trainer:
                 rng[f"generator.{r}"], rng[f"torch.{r}"] = g, t
             path = save_checkpoint(self.out, self.step, model=self.model,
                                    optimizer=self.optimizer, trainer_state=state, rng=rng,
-                                   keep=self.tcfg.keep)
+                                   keep=self.tcfg.keep,
+                                   extra={"ema_prior": self.ema.module} if self.ema else None)
         dist_utils.barrier(self.dist)
         return path
+
+    def inference_model(self) -> ColaModel:
+        """What `final/` holds: the trained model, with the EMA prior when EMA is on."""
+        if self.ema is None:
+            return self.model
+        return ColaModel(self.model.vae, self.ema.module, self.model.tokenizer, self.cfg.layout)
 
     def _loss(self, batch):
         amp = (torch.autocast(self.device.type, dtype=torch.bfloat16)
@@ -279,6 +307,8 @@ class Trainer:
                 self.optimizer.step()
                 self.scheduler.step()
                 self.step += 1
+                if self.ema is not None:
+                    self.ema.update(self.model.prior, step=self.step)
                 tokens += n_tok
                 names = list(terms)
                 vals = dist_utils.mean_across_ranks(
@@ -305,7 +335,7 @@ class Trainer:
         if self.step >= t.steps:
             self._checkpoint()
             if main:
-                self.model.save_pretrained(self.out / "final")
+                self.inference_model().save_pretrained(self.out / "final")
                 log.info("finished: model written to %s", self.out / "final")
             dist_utils.barrier(self.dist)
         return history
