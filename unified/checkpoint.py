@@ -23,48 +23,53 @@ from safetensors.torch import load_file, save_file
 STEP_PREFIX = "step-"
 
 
-def optimizer_to_flat(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
-    """Split an optimizer state dict into tensors (for safetensors) and JSON-able metadata."""
+def optimizer_to_flat(opt: torch.optim.Optimizer, local=lambda t: t
+                      ) -> tuple[dict[str, torch.Tensor], dict]:
+    """Split an optimizer state dict into tensors (for safetensors) and JSON-able metadata.
+    `local` maps a (sharded) state tensor to the tensor to store."""
     sd = opt.state_dict()
     tensors, scalars = {}, {}
     for pid, st in sd["state"].items():
         for key, val in st.items():
             if torch.is_tensor(val):
-                tensors[f"{pid}.{key}"] = val.detach().contiguous().cpu()
+                tensors[f"{pid}.{key}"] = local(val).detach().contiguous().cpu()
             else:
                 scalars[f"{pid}.{key}"] = val
     return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
 
 
-def optimizer_from_flat(opt: torch.optim.Optimizer, tensors: dict, meta: dict) -> None:
+def optimizer_from_flat(opt: torch.optim.Optimizer, tensors: dict, meta: dict,
+                        convert=lambda pid, t: t) -> None:
+    """Inverse of optimizer_to_flat; `convert(param index, tensor)` rebuilds sharded state."""
     state: dict[int, dict[str, Any]] = {}
     for name, val in tensors.items():
         pid, key = name.split(".", 1)
-        state.setdefault(int(pid), {})[key] = val
+        state.setdefault(int(pid), {})[key] = convert(int(pid), val)
     for name, val in meta["scalars"].items():
         pid, key = name.split(".", 1)
         state.setdefault(int(pid), {})[key] = val
     opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
 
 
-def save_checkpoint(run_dir: Path, step: int, *, model, optimizer, trainer_state: dict,
-                    rng: dict[str, torch.Tensor], keep: int, extra: dict | None = None) -> Path:
-    """Write checkpoint `step` atomically under run_dir/checkpoints and prune to `keep`."""
-    root = Path(run_dir) / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"{STEP_PREFIX}{step:08d}"
-    tmp = root / f".{final.name}.tmp"
+def checkpoint_dirs(run_dir: Path, step: int) -> tuple[Path, Path]:
+    """(temporary folder, final folder) names of checkpoint `step`."""
+    final = Path(run_dir) / "checkpoints" / f"{STEP_PREFIX}{step:08d}"
+    return final.with_name(f".{final.name}.tmp"), final
+
+
+def begin_checkpoint(run_dir: Path, step: int) -> tuple[Path, Path]:
+    """(temporary folder, final folder) of checkpoint `step`; the temporary one is fresh."""
+    tmp, final = checkpoint_dirs(run_dir, step)
+    tmp.parent.mkdir(parents=True, exist_ok=True)
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    model.save_pretrained(tmp / "model")
-    if getattr(model, "ref_vae", None) is not None:
-        model.ref_vae.save_pretrained(tmp / "ref_vae")
-    for name, module in (extra or {}).items():  # e.g. the EMA prior
-        module.save_pretrained(tmp / name)
-    tensors, meta = optimizer_to_flat(optimizer)
-    save_file(tensors, str(tmp / "optimizer.safetensors"))
-    (tmp / "optimizer.json").write_text(json.dumps(meta))
+    return tmp, final
+
+
+def finish_checkpoint(run_dir: Path, tmp: Path, final: Path, *, trainer_state: dict,
+                      rng: dict[str, torch.Tensor], keep: int) -> Path:
+    """Write the trainer state last, rename the folder into place, prune to `keep`."""
     save_file({k: v.contiguous() for k, v in rng.items()}, str(tmp / "trainer.safetensors"))
     (tmp / "trainer.json").write_text(json.dumps(trainer_state, indent=2))
     if final.exists():
@@ -73,6 +78,21 @@ def save_checkpoint(run_dir: Path, step: int, *, model, optimizer, trainer_state
     for old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def save_checkpoint(run_dir: Path, step: int, *, model, optimizer, trainer_state: dict,
+                    rng: dict[str, torch.Tensor], keep: int, extra: dict | None = None) -> Path:
+    """Write checkpoint `step` of an unsharded model atomically and prune to `keep`."""
+    tmp, final = begin_checkpoint(run_dir, step)
+    model.save_pretrained(tmp / "model")
+    if getattr(model, "ref_vae", None) is not None:
+        model.ref_vae.save_pretrained(tmp / "ref_vae")
+    for name, module in (extra or {}).items():  # e.g. the EMA prior
+        module.save_pretrained(tmp / name)
+    tensors, meta = optimizer_to_flat(optimizer)
+    save_file(tensors, str(tmp / "optimizer.safetensors"))
+    (tmp / "optimizer.json").write_text(json.dumps(meta))
+    return finish_checkpoint(run_dir, tmp, final, trainer_state=trainer_state, rng=rng, keep=keep)
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:

@@ -85,6 +85,7 @@ class TrainConfig:
     device: str = "auto"
     max_bad_steps: int = 20  # consecutive non-finite losses before the run stops
     ema_decay: float = 0.0  # stage 2: EMA of the prior (0 = off); the export uses the EMA
+    parallel: str = "ddp"  # under torchrun: "ddp" (replicated) or "fsdp" (FSDP2, sharded)
 
 
 @dataclass

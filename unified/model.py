@@ -112,11 +112,18 @@ class ColaModel(nn.Module):
         if self.prior is not None:
             self.prior.save_pretrained(folder / "prior")
         self.tokenizer.save_pretrained(folder / "tokenizer")
-        index = {"_class_name": "ColaModel", "text_vae": "TextVAE",
-                 "prior": "DiT" if self.prior is not None else None,
-                 "tokenizer": "PreTrainedTokenizerFast",
-                 "layout": {"block_size": self.layout_cfg.block_size}}
-        (folder / MODEL_INDEX).write_text(json.dumps(index, indent=2))
+        (folder / MODEL_INDEX).write_text(json.dumps(self.index(), indent=2))
+
+    def index(self) -> dict:
+        """model_index.json: which parts the folder holds and the inference layout."""
+        return {"_class_name": "ColaModel", "text_vae": "TextVAE",
+                "prior": "DiT" if self.prior is not None else None,
+                "tokenizer": "PreTrainedTokenizerFast",
+                "layout": {"block_size": self.layout_cfg.block_size}}
+
+    @staticmethod
+    def layout_from_index(index: dict) -> TextLayoutConfig:
+        return TextLayoutConfig(block_size=index.get("layout", {}).get("block_size", 16))
 
     @classmethod
     def from_pretrained(cls, folder: str | Path, device: str | torch.device = "cpu") -> ColaModel:
@@ -129,6 +136,6 @@ class ColaModel(nn.Module):
         tok = load_tokenizer(folder / "tokenizer")
         vae = TextVAE.from_pretrained(folder / "text_vae", low_cpu_mem_usage=False)
         prior = DiT.from_pretrained(folder / "prior", low_cpu_mem_usage=False) if index.get("prior") else None
-        layout = TextLayoutConfig(block_size=index.get("layout", {}).get("block_size", 16))
+        layout = cls.layout_from_index(index)
         # weights may be stored in bf16 to keep the bundled model small; compute in fp32
         return cls(vae, prior, tok, layout).to(device=device, dtype=torch.float32).eval()

@@ -19,11 +19,15 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from prior.dit import DiT
 from unified import distributed as dist_utils
 from unified.checkpoint import (
+    begin_checkpoint,
+    checkpoint_dirs,
+    finish_checkpoint,
     latest_checkpoint,
     load_trainer_files,
     optimizer_from_flat,
@@ -75,6 +79,12 @@ class Trainer:
         self.skips = SkipCounter()
         torch.manual_seed(self.tcfg.seed)
 
+        if self.tcfg.parallel not in ("ddp", "fsdp"):
+            raise ValueError(f"parallel must be 'ddp' or 'fsdp', got {self.tcfg.parallel!r}")
+        self.fsdp = self.dist.enabled and self.tcfg.parallel == "fsdp"
+        if self.fsdp and self.stage == 2 and self.tcfg.ema_decay > 0:
+            raise ValueError("EMA of a sharded (fsdp) prior is not supported: set ema_decay=0 "
+                             "or parallel='ddp'")
         ckpt = self._find_resume(resume)
         self.model = self._build_model(init, ckpt).to(self.device)
         self.model.train()
@@ -87,7 +97,11 @@ class Trainer:
                 ema = DiT.from_pretrained(ckpt / "ema_prior", low_cpu_mem_usage=False)
                 self.ema.module.load_state_dict(ema.state_dict())
         self.train_model = self.model
-        if self.dist.enabled:  # gradients all-reduced during backward
+        if self.fsdp:  # parameters, gradients and optimizer state sharded across ranks
+            from unified.fsdp import shard_model
+
+            shard_model(self.model, self.device.type, self.dist.world)
+        elif self.dist.enabled:  # gradients all-reduced during backward
             from torch.nn.parallel import DistributedDataParallel
 
             ids = [self.device.index] if self.device.type == "cuda" else None
@@ -142,7 +156,12 @@ class Trainer:
 
     def _build_model(self, init, ckpt) -> ColaModel:
         if ckpt is not None:  # everything (incl. measured latent stats) comes from the checkpoint
-            model = ColaModel.from_pretrained(ckpt / "model")
+            if (ckpt / "model-shard-0.safetensors").is_file():
+                from unified.fsdp import load_sharded_model
+
+                model = load_sharded_model(ckpt)
+            else:
+                model = ColaModel.from_pretrained(ckpt / "model")
             model.layout_cfg = self.cfg.layout
             if self.stage == 2:
                 ref = TextVAE.from_pretrained(ckpt / "ref_vae", low_cpu_mem_usage=False)
@@ -179,9 +198,21 @@ class Trainer:
                                  weight_decay=o.weight_decay)
 
     def _restore(self, ckpt: Path) -> None:
-        state, rng, opt_t, opt_m = load_trainer_files(ckpt)
-        optimizer_from_flat(self.optimizer, {k: v.to(self.device) for k, v in opt_t.items()},
-                            opt_m)
+        if (ckpt / "model-shard-0.safetensors").is_file():
+            if not self.fsdp:
+                raise ValueError(f"{ckpt} is sharded (FSDP); resume it with parallel='fsdp'")
+            from unified.fsdp import load_shards
+
+            load_shards(ckpt, self.dist.rank, self.model, self.optimizer)
+            state = json.loads((ckpt / "trainer.json").read_text())
+            if state.get("world") != self.dist.world:
+                raise ValueError(f"{ckpt} was written by {state.get('world')} ranks; a sharded "
+                                 f"checkpoint resumes with the same world size")
+            rng = load_file(str(ckpt / "trainer.safetensors"))
+        else:
+            state, rng, opt_t, opt_m = load_trainer_files(ckpt)
+            optimizer_from_flat(self.optimizer,
+                                {k: v.to(self.device) for k, v in opt_t.items()}, opt_m)
         self.scheduler.load_state_dict(state["scheduler"])
         self.step, self.data_pos = state["step"], state["data_pos"]
         key = f"generator.{self.dist.rank}"
@@ -218,14 +249,27 @@ class Trainer:
         if self.dist.enabled:
             states = [None] * self.dist.world
             torch.distributed.all_gather_object(states, mine)
+        state = {"step": self.step, "data_pos": self.data_pos, "stage": self.stage,
+                 "world": self.dist.world, "scheduler": self.scheduler.state_dict(),
+                 "skipped_samples": self.skips.total}
+        rng = {}
+        for r, (g, t) in enumerate(states):
+            rng[f"generator.{r}"], rng[f"torch.{r}"] = g, t
         path = None
-        if self.dist.is_main:
-            state = {"step": self.step, "data_pos": self.data_pos, "stage": self.stage,
-                     "world": self.dist.world, "scheduler": self.scheduler.state_dict(),
-                     "skipped_samples": self.skips.total}
-            rng = {}
-            for r, (g, t) in enumerate(states):
-                rng[f"generator.{r}"], rng[f"torch.{r}"] = g, t
+        if self.fsdp:  # every rank writes its shards into the temporary folder
+            from unified.fsdp import save_shards, save_skeleton
+
+            if self.dist.is_main:
+                begin_checkpoint(self.out, self.step)
+            dist_utils.barrier(self.dist)
+            tmp, final = checkpoint_dirs(self.out, self.step)
+            save_shards(tmp, self.dist.rank, self.model, self.optimizer)
+            dist_utils.barrier(self.dist)
+            if self.dist.is_main:
+                save_skeleton(tmp, self.model)
+                path = finish_checkpoint(self.out, tmp, final, trainer_state=state, rng=rng,
+                                         keep=self.tcfg.keep)
+        elif self.dist.is_main:
             path = save_checkpoint(self.out, self.step, model=self.model,
                                    optimizer=self.optimizer, trainer_state=state, rng=rng,
                                    keep=self.tcfg.keep,
@@ -234,7 +278,12 @@ class Trainer:
         return path
 
     def inference_model(self) -> ColaModel:
-        """What `final/` holds: the trained model, with the EMA prior when EMA is on."""
+        """What `final/` holds: the trained model, with the EMA prior when EMA is on (an
+        unsharded copy, joined from the last checkpoint's shards, under FSDP)."""
+        if self.fsdp:
+            from unified.fsdp import load_sharded_model
+
+            return load_sharded_model(latest_checkpoint(self.out))
         if self.ema is None:
             return self.model
         return ColaModel(self.model.vae, self.ema.module, self.model.tokenizer, self.cfg.layout)
@@ -260,7 +309,8 @@ class Trainer:
             mb = {k: v.to(self.device) for k, v in mb.items()}
             weight = counts[i] / max(mean_tokens, 1.0)
             last = i == len(micro_batches) - 1
-            sync = nullcontext() if last or not self.dist.enabled else self.train_model.no_sync()
+            ddp = self.dist.enabled and not self.fsdp
+            sync = self.train_model.no_sync() if ddp and not last else nullcontext()
             with sync:
                 loss, terms = self._loss(mb)
                 finite = dist_utils.mean_across_ranks(torch.isfinite(loss).float(), self.dist)
@@ -304,6 +354,7 @@ class Trainer:
                 loss, terms, n_tok = done
                 gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(),
                                                        self.cfg.optim.grad_clip)
+                gnorm = gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm
                 self.optimizer.step()
                 self.scheduler.step()
                 self.step += 1
