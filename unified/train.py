@@ -182,7 +182,8 @@ class Trainer:
     def _measure_latent_stats(self, vae: TextVAE, tok, n_batches: int = 8) -> None:
         batches = text_batches(self.train_urls, tok, seq_len=self.cfg.data.seq_len,
                                batch_size=self.cfg.data.batch_size, seed=self.tcfg.seed + 7,
-                               multiple_of=vae.config.patch_size)
+                               multiple_of=vae.config.patch_size,
+                               same_on_all_ranks=True)  # identical stats on every rank
         shift, scale = vae.measure_latent_stats(b for _, b in zip(range(n_batches), batches))
         vae.set_latent_stats(shift, scale)
         log.info("latent stats: |shift| mean %.3f, scale mean %.3f",
