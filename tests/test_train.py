@@ -133,3 +133,13 @@ def test_patch_size_two_trains_both_stages(shards, tmp_path):
 
     report = evaluate_text_vae(model, shards, max_docs=20, seq_len=32)
     assert 0.0 <= report["token_accuracy"] <= 1.0 and report["tokens"] > 100
+
+
+def test_muon_optimizer_trains_and_resumes_exactly(shards, tmp_path):
+    cfg = tiny(shards, 'optim.name="muon"', "stage1.steps=12", "stage1.ckpt_every=6")
+    full = Trainer(cfg, 1, tmp_path / "a").train()
+    assert type(Trainer(cfg, 1, tmp_path / "x").optimizer).__name__ == "Muon"
+    assert all(h["loss"] == h["loss"] for h in full) and full[-1]["loss"] < full[0]["loss"]
+    Trainer(cfg, 1, tmp_path / "b").train(max_steps=8)
+    rest = Trainer(cfg, 1, tmp_path / "b").train()
+    assert losses(rest) == pytest.approx(losses(full)[6:], rel=1e-5)

@@ -64,6 +64,7 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
+    name: str = "adamw"  # or any timm optimizer name, e.g. "muon" (timm create_optimizer_v2)
     lr: float = 1e-3
     vae_lr_mult: float = 1.0  # stage 2: the paper's best joint setting is x1
     weight_decay: float = 0.01

@@ -195,8 +195,15 @@ class Trainer:
                    "lr": o.lr * (o.vae_lr_mult if self.stage == 2 else 1.0)}]
         if self.stage == 2:
             groups.append({"params": list(self.model.prior.parameters()), "lr": o.lr})
-        return torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas),
-                                 weight_decay=o.weight_decay)
+        if o.name == "adamw":
+            return torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas),
+                                     weight_decay=o.weight_decay)
+        from timm.optim import create_optimizer_v2, list_optimizers
+
+        if o.name not in list_optimizers():
+            raise ValueError(f"unknown optimizer {o.name!r}: 'adamw' or a timm optimizer name")
+        # Muon orthogonalizes 2-D weight updates; timm falls back to AdamW for other params
+        return create_optimizer_v2(groups, opt=o.name, lr=o.lr, weight_decay=o.weight_decay)
 
     def _restore(self, ckpt: Path) -> None:
         if (ckpt / "model-shard-0.safetensors").is_file():
