@@ -1,4 +1,4 @@
-"""Webdataset pipelines for text: shard lists, robust sample reading, packing into batches.
+"""Webdataset pipelines: shard lists, robust sample reading (text, image-text), text packing.
 
 Shards use the img2dataset layout (``KEY.txt`` + optional ``KEY.json``). A bad sample or a
 truncated tar never stops a stream: the error goes to a :class:`SkipCounter`, which logs a
@@ -130,27 +130,17 @@ def _all_shards(src):
     yield from src
 
 
-def text_samples(
+def raw_samples(
     urls: str | Path | Iterable[str | Path],
     *,
     seed: int = 0,
     resample: bool = False,
     shuffle_buffer: int = 0,
-    skips: SkipCounter | None = None,
+    handler: SkipCounter,
     same_on_all_ranks: bool = False,
-) -> IterableDataset:
-    """Stream of ``str`` texts from ``KEY.txt`` members of webdataset shards.
-
-    ``resample=False``: one pass over the shards, split by node (and by DataLoader worker),
-    in order unless ``shuffle_buffer > 0`` (then shards and samples are shuffled by ``seed``).
-    ``resample=True``: an endless stream drawing shards with replacement, deterministic given
-    ``seed`` (and the rank / worker, so each gets its own stream). Samples without text or with
-    undecodable text, and unreadable shards, are skipped and counted in ``skips``.
-    ``same_on_all_ranks=True`` gives every rank the same stream (no split by rank), which the
-    trainer slices by rank so a multi-rank step sees exactly the single-process global batch.
-    """
+):
+    """Undecoded samples (dicts of member bytes) from shards; see :func:`text_samples`."""
     shard_list = expand_urls(urls)
-    handler = skips if skips is not None else SkipCounter()
     if resample:
         pipeline = wds.DataPipeline(
             wds.ResampledShards(shard_list, seed=seed, deterministic=True,
@@ -170,8 +160,86 @@ def text_samples(
         pipeline = pipeline.compose(
             wds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 100), seed=seed)
         )
+    return pipeline
+
+
+def text_samples(
+    urls: str | Path | Iterable[str | Path],
+    *,
+    seed: int = 0,
+    resample: bool = False,
+    shuffle_buffer: int = 0,
+    skips: SkipCounter | None = None,
+    same_on_all_ranks: bool = False,
+) -> IterableDataset:
+    """Stream of ``str`` texts from ``KEY.txt`` members of webdataset shards.
+
+    ``resample=False``: one pass over the shards, split by node (and by DataLoader worker),
+    in order unless ``shuffle_buffer > 0`` (then shards and samples are shuffled by ``seed``).
+    ``resample=True``: an endless stream drawing shards with replacement, deterministic given
+    ``seed`` (and the rank / worker, so each gets its own stream). Samples without text or with
+    undecodable text, and unreadable shards, are skipped and counted in ``skips``.
+    ``same_on_all_ranks=True`` gives every rank the same stream (no split by rank), which the
+    trainer slices by rank so a multi-rank step sees exactly the single-process global batch.
+    """
+    handler = skips if skips is not None else SkipCounter()
+    pipeline = raw_samples(urls, seed=seed, resample=resample, shuffle_buffer=shuffle_buffer,
+                           handler=handler, same_on_all_ranks=same_on_all_ranks)
     pipeline = pipeline.compose(wds.decode(only=["txt"], handler=handler))
     return pipeline.compose(wds.map(_to_text, handler=handler))
+
+
+class MissingImageError(ValueError):
+    """An image-text sample without a decodable ``.png`` / ``.jpg`` member."""
+
+
+IMAGE_KEYS = ("png", "jpg", "jpeg", "webp")
+
+
+def _to_image_text(sample: dict, image_size: int) -> dict:
+    """Decoded sample -> {"key", "image" [3, S, S] in [-1, 1], "caption", "meta"}; raises on a
+    missing or undecodable member (the handler counts and skips it)."""
+    import numpy as np
+    from PIL import Image
+
+    key = sample.get("__key__")
+    img = next((sample[k] for k in IMAGE_KEYS if k in sample), None)
+    if not isinstance(img, Image.Image):
+        raise MissingImageError(f"sample {key!r} has no decodable image")
+    text = sample.get("txt")
+    if not isinstance(text, str) or not text.strip():
+        raise MissingTextError(f"sample {key!r} has no caption")
+    img = img.convert("RGB")
+    if img.size != (image_size, image_size):
+        img = img.resize((image_size, image_size), Image.BICUBIC)
+    arr = torch.from_numpy(np.asarray(img, dtype=np.float32).copy()).permute(2, 0, 1)
+    return {"key": key, "image": arr / 127.5 - 1.0, "caption": text.strip(),
+            "meta": sample.get("json")}
+
+
+def image_text_samples(
+    urls: str | Path | Iterable[str | Path],
+    *,
+    image_size: int = 32,
+    seed: int = 0,
+    resample: bool = False,
+    shuffle_buffer: int = 0,
+    skips: SkipCounter | None = None,
+    same_on_all_ranks: bool = False,
+) -> IterableDataset:
+    """Image-caption pairs (img2dataset layout ``KEY.png|jpg`` + ``KEY.txt`` [+ ``KEY.json``]).
+
+    A corrupt image, a missing caption or image (e.g. a tar cut between the two members) and
+    a truncated shard are skipped and counted in ``skips``; the stream goes on.
+    """
+    from functools import partial
+
+    handler = skips if skips is not None else SkipCounter()
+    pipeline = raw_samples(urls, seed=seed, resample=resample, shuffle_buffer=shuffle_buffer,
+                           handler=handler, same_on_all_ranks=same_on_all_ranks)
+    pipeline = pipeline.compose(wds.decode("pil", handler=handler))
+    return pipeline.compose(wds.map(partial(_to_image_text, image_size=image_size),
+                                    handler=handler))
 
 
 def pack_batches(
