@@ -43,3 +43,25 @@ def test_image_text_samples_skip_and_count_bad_input(tmp_path):
     assert skips.total >= 4
     assert any("Image" in k or "Decoding" in k for k in skips.counts)
     assert np.isfinite(s2["image"].numpy()).all()
+
+
+def test_cli_latent_stats_measures_warns_and_writes(tmp_path, capsys):
+    from unified.cli import main
+    from vaes.image_vae import load_image_vae, small_image_vae
+
+    rng = np.random.default_rng(0)
+    with wds.TarWriter(str(tmp_path / "s-000000.tar")) as w:
+        for i in range(40):
+            color = tuple(int(c) for c in rng.integers(0, 256, 3))
+            w.write({"__key__": f"k{i}", "png": png_bytes(color), "txt": "an image"})
+    torch.manual_seed(0)
+    small_image_vae(widths=(16, 32, 32)).save_pretrained(tmp_path / "vae")
+    argv = ["latent-stats", "--vae", str(tmp_path / "vae"), "--data", str(tmp_path / "s-000000.tar")]
+    assert main(argv) == 0
+    out = capsys.readouterr()
+    assert "40 images (0 skipped)" in out.out and "WARNING" in out.err  # untrained: off
+    assert main([*argv, "--write"]) == 0
+    assert load_image_vae(tmp_path / "vae").config.latents_std is not None
+    capsys.readouterr()
+    assert main(argv) == 0
+    assert "WARNING" not in capsys.readouterr().err

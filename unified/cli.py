@@ -7,6 +7,7 @@
     cola export runs/s2/final demo/checkpoint
     cola generate "The function returns" --max-new-tokens 64 --guidance 2 --seed 0
     cola eval text-vae --checkpoint demo/checkpoint
+    cola latent-stats --vae runs/image-vae --data data/shapes/train
 """
 
 from __future__ import annotations
@@ -119,6 +120,38 @@ def cmd_eval(args) -> None:
         print(f"{key:>28}: {val:.4f}" if isinstance(val, float) else f"{key:>28}: {val}")
 
 
+def cmd_latent_stats(args) -> None:
+    import torch
+
+    from unified.data import SkipCounter, image_text_samples
+    from vaes.image_vae import load_image_vae, measure_latent_stats, normalize, set_latent_stats
+
+    vae = load_image_vae(args.vae).eval()
+    skips = SkipCounter()
+    images = [s["image"] for _, s in zip(range(args.max_images),
+                                         image_text_samples(args.data, image_size=args.image_size,
+                                                            skips=skips))]
+    if not images:
+        raise UserError(f"no readable images in {args.data}")
+    batches = [torch.stack(images[i:i + 32]) for i in range(0, len(images), 32)]
+    mean, std = measure_latent_stats(vae, batches)
+    zn_mean = normalize(vae, mean.view(1, -1, 1, 1)).flatten()
+    stored_scale = normalize(vae, (mean + std).view(1, -1, 1, 1)).flatten() - zn_mean
+    print(f"{len(images)} images ({skips.total} skipped) from {args.data}")
+    print(f"{'channel':>8}{'mean':>10}{'std':>10}{'normalized mean':>18}{'normalized std':>16}")
+    for c in range(len(mean)):
+        print(f"{c:>8}{mean[c]:>10.4f}{std[c]:>10.4f}{zn_mean[c]:>18.3f}{stored_scale[c]:>16.3f}")
+    off = (zn_mean.abs() > 0.1) | ((stored_scale.log()).abs() > 0.2)
+    if off.any():
+        print(f"WARNING: the stored normalization is off for channels {off.nonzero().flatten().tolist()}"
+              f" (normalized latents should have mean ~0 and std ~1); --write stores the measured"
+              f" statistics in {args.vae}/config.json", file=sys.stderr)
+    if args.write:
+        set_latent_stats(vae, mean, std)
+        vae.save_config(args.vae)
+        print(f"stored per-channel latents_mean / latents_std in {args.vae}/config.json")
+
+
 # --------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="cola", description=__doc__,
@@ -173,6 +206,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--top-p", type=float, default=d.top_p)
     s.add_argument("--seed", type=int, default=d.seed)
     s.set_defaults(fn=cmd_generate)
+
+    s = sub.add_parser("latent-stats", help="per-channel latent statistics of an image VAE")
+    s.add_argument("--vae", required=True, help="a diffusers AutoencoderKL folder")
+    s.add_argument("--data", required=True, help="image-text shards (folder, file or pattern)")
+    s.add_argument("--image-size", type=int, default=32)
+    s.add_argument("--max-images", type=int, default=2048)
+    s.add_argument("--write", action="store_true", help="store the measured statistics")
+    s.set_defaults(fn=cmd_latent_stats)
 
     s = sub.add_parser("eval", help="measure a model")
     s.add_argument("what", choices=["text-vae"])
