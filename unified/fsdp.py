@@ -62,13 +62,7 @@ def save_shards(folder: Path, rank: int, model: ColaModel, optimizer) -> None:
 
 def save_skeleton(folder: Path, model: ColaModel) -> None:
     """Rank 0: configs, tokenizer and index of the model (no weights) + the reference VAE."""
-    out = folder / "model"
-    out.mkdir(parents=True, exist_ok=True)
-    model.vae.save_config(out / "text_vae")
-    if model.prior is not None:
-        model.prior.save_config(out / "prior")
-    model.tokenizer.save_pretrained(out / "tokenizer")
-    (out / MODEL_INDEX).write_text(json.dumps(model.index(), indent=2))
+    model.save_pretrained(folder / "model", weights=False)
     if model.ref_vae is not None:
         model.ref_vae.save_pretrained(folder / "ref_vae")
 

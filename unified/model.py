@@ -105,12 +105,14 @@ class ColaModel(nn.Module):
         return loss, logs
 
     # ----------------------------------------------------------------- save / load
-    def save_pretrained(self, folder: str | Path) -> None:
+    def save_pretrained(self, folder: str | Path, weights: bool = True) -> None:
+        """Write the model folder; `weights=False` writes configs, tokenizer and index only
+        (the skeleton of a sharded checkpoint)."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        self.vae.save_pretrained(folder / "text_vae")
-        if self.prior is not None:
-            self.prior.save_pretrained(folder / "prior")
+        for name, part in (("text_vae", self.vae), ("prior", self.prior)):
+            if part is not None:
+                (part.save_pretrained if weights else part.save_config)(folder / name)
         self.tokenizer.save_pretrained(folder / "tokenizer")
         (folder / MODEL_INDEX).write_text(json.dumps(self.index(), indent=2))
 
