@@ -2,6 +2,7 @@
 
     cola make-shards text --default-corpus --output data/stdlib
     cola make-shards text notes.txt more.jsonl --output data/mine
+    cola make-shards shapes --n-train 20000 --n-heldout 500 --output data/shapes
     cola train --preset text-default --stage 1 --out runs/s1
     cola train --preset text-default --stage 2 --init runs/s1/final --out runs/s2
     cola export runs/s2/final demo/checkpoint
@@ -46,8 +47,14 @@ def _threads() -> None:
 def cmd_make_shards(args) -> None:
     from unified.shards import make_default_corpus_shards, read_text_inputs, write_text_shards
 
-    if args.kind != "text":
-        raise UserError(f"unknown shard kind {args.kind!r} (available: text)")
+    if args.kind == "shapes":
+        from tasks.shapes import make_shapes_shards
+
+        counts = make_shapes_shards(args.output, n_train=args.n_train, n_heldout=args.n_heldout,
+                                    difficulty=args.difficulty, seed=args.seed,
+                                    max_per_shard=args.max_per_shard)
+        print(f"wrote the shapes world to {args.output}: {counts}")
+        return
     if args.default_corpus:
         counts = make_default_corpus_shards(args.output, max_per_shard=args.max_per_shard)
         print(f"wrote the default corpus to {args.output}: {counts}")
@@ -160,12 +167,16 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("make-shards", help="write webdataset shards")
-    s.add_argument("kind", choices=["text"])
+    s.add_argument("kind", choices=["text", "shapes"])
     s.add_argument("inputs", nargs="*", help=".txt / .jsonl files or folders")
     s.add_argument("--default-corpus", action="store_true",
                    help="the English prose of the Python standard library's docstrings")
     s.add_argument("--output", required=True)
     s.add_argument("--prefix", default="text")
+    s.add_argument("--n-train", type=int, default=20000, help="shapes: training scenes")
+    s.add_argument("--n-heldout", type=int, default=500, help="shapes: held-out scenes")
+    s.add_argument("--difficulty", type=int, default=1, help="shapes: up to this many objects")
+    s.add_argument("--seed", type=int, default=0, help="shapes: training stream seed")
     s.add_argument("--max-per-shard", type=int, default=2000)
     s.set_defaults(fn=cmd_make_shards)
 

@@ -26,13 +26,14 @@ class BadInputLine(ValueError):
     """A ``.jsonl`` line that is not a JSON object with a non-empty ``"text"`` string."""
 
 
-def write_text_shards(
-    records: Iterable[tuple[str, str]],
+def write_shards(
+    samples: Iterable[dict],
     out_dir: str | Path,
-    prefix: str = "text",
+    prefix: str,
     max_per_shard: int = 2000,
 ) -> list[Path]:
-    """Write ``(key, text)`` records as ``KEY.txt`` samples; return the non-empty shard paths.
+    """Write webdataset samples (dicts with ``__key__`` and one entry per member) to
+    ``out_dir/PREFIX-000000.tar`` ...; return the non-empty shard paths.
 
     Keys must be unique and must not contain ``.`` or ``/`` (webdataset splits the sample key
     from the extension at the first dot).
@@ -51,13 +52,14 @@ def write_text_shards(
         str(out / f"{prefix}-%06d.tar"), maxcount=max_per_shard, post=post, verbose=0
     )
     try:
-        for key, text in records:
+        for sample in samples:
+            key = sample["__key__"]
             if not key or "." in key or "/" in key:
                 raise ValueError(f"bad sample key {key!r}: must be non-empty, no '.' or '/'")
             if key in seen:
                 raise ValueError(f"duplicate sample key {key!r}")
             seen.add(key)
-            writer.write({"__key__": key, "txt": text})
+            writer.write(sample)
     finally:
         writer.close()
     paths = []
@@ -67,6 +69,17 @@ def write_text_shards(
         else:
             Path(fname).unlink(missing_ok=True)  # ShardWriter opens a first shard eagerly
     return paths
+
+
+def write_text_shards(
+    records: Iterable[tuple[str, str]],
+    out_dir: str | Path,
+    prefix: str = "text",
+    max_per_shard: int = 2000,
+) -> list[Path]:
+    """Write ``(key, text)`` records as ``KEY.txt`` samples; return the non-empty shard paths."""
+    samples = ({"__key__": key, "txt": text} for key, text in records)
+    return write_shards(samples, out_dir, prefix, max_per_shard)
 
 
 def _input_files(paths: str | Path | Iterable[str | Path]) -> list[Path]:
@@ -154,3 +167,31 @@ def make_default_corpus_shards(
         "train_shards": len(train_shards),
         "heldout_shards": len(heldout_shards),
     }
+
+
+def write_image_text_shards(
+    records: Iterable[tuple[str, object, str, dict]],
+    out_dir: str | Path,
+    prefix: str = "images",
+    max_per_shard: int = 2000,
+) -> list[Path]:
+    """Write ``(key, image, caption, meta)`` records as ``KEY.png`` + ``KEY.txt`` + ``KEY.json``
+    samples (the img2dataset layout read by :func:`unified.data.image_text_samples`).
+
+    ``image`` is a PIL image (saved as PNG, lossless) or ready-made PNG bytes; ``meta`` is any
+    JSON-serialisable dict (written with sorted keys).
+    """
+    import io
+
+    def samples():
+        for key, image, text, meta in records:
+            if isinstance(image, bytes):
+                png = image
+            else:
+                buf = io.BytesIO()
+                image.save(buf, format="PNG")
+                png = buf.getvalue()
+            yield {"__key__": key, "png": png, "txt": text,
+                   "json": json.dumps(meta, sort_keys=True).encode("utf-8")}
+
+    return write_shards(samples(), out_dir, prefix, max_per_shard)
