@@ -139,19 +139,20 @@ def _walk(base: Path, min_chars: int, min_alpha: float, *, files: list[Path] | N
           with_topics: bool = True) -> Iterator[tuple[str, str]]:
     seen_texts: set[str] = set()
     seen_keys: set[str] = set()
-    sources: list[tuple[str, Iterator[tuple[str, str]]]] = []
-    for path in files if files is not None else _stdlib_files(base):
-        try:
-            source = path.read_text(encoding="utf-8")
-            tree = ast.parse(source, filename=str(path))
-        except (OSError, UnicodeDecodeError, SyntaxError, ValueError, RecursionError):
-            continue
-        sources.append((_sanitize(path.relative_to(base).with_suffix("").as_posix()),
-                        _docstrings(tree)))
-    # the language reference shipped for `help()`: more prose of the same register
-    if with_topics:
-        sources.append(("pydoc-topics", _pydoc_topics(base)))
-    for mod, docs in sources:
+
+    def sources() -> Iterator[tuple[str, Iterator[tuple[str, str]]]]:
+        """(module key, its docstrings), one file parsed at a time (the walk stays lazy)."""
+        for path in files if files is not None else _stdlib_files(base):
+            try:
+                tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+            except (OSError, UnicodeDecodeError, SyntaxError, ValueError, RecursionError):
+                continue
+            yield _sanitize(path.relative_to(base).with_suffix("").as_posix()), _docstrings(tree)
+        # the language reference shipped for `help()`: more prose of the same register
+        if with_topics:
+            yield "pydoc-topics", _pydoc_topics(base)
+
+    for mod, docs in sources():
         for qual, doc in docs:
             for n, para in enumerate(_BLANK_LINE.split(doc)):
                 lines = [ln.rstrip() for ln in para.strip("\n").splitlines() if ln.strip()]
