@@ -321,7 +321,7 @@ class _ReferencePath:
             sample[i, lh:], noisy[i, lh:], seg[i, lh:] = 0, True, SEG_N
         meta = TokenMeta(sample, pos // self.g.bs, noisy)
         dropped = torch.full((b, n), drop, dtype=torch.bool, device=dev)
-        return Layout(z, t, torch.zeros_like(pos), pos, meta, seg, dropped, noisy)
+        return Layout(z, t, torch.zeros_like(pos), pos, meta, seg, seg == SEG_C, dropped, noisy)
 
     def velocity(self, z, t, pos):
         outs = []

@@ -34,16 +34,18 @@ class Layout:
     modality: torch.Tensor
     positions: torch.Tensor
     meta: TokenMeta  # sample / block / stream for the attention rule
-    segment: torch.Tensor  # SEG_*; the C tokens are what CFG drops
+    segment: torch.Tensor  # SEG_*
+    droppable: torch.Tensor  # bool: part of the condition that CFG drops (C, or P + I)
     cond_dropped: torch.Tensor  # bool: this token's sample has its condition dropped
     loss_mask: torch.Tensor  # bool: flow loss on this token
     target: torch.Tensor | None = None  # velocity target u = eps - z0 (training only)
 
     def attention_mask(self) -> torch.Tensor:
-        """[B, N, N] boolean mask: the block-causal rule, minus C for dropped samples."""
+        """[B, N, N] boolean mask: the block-causal rule, minus the droppable condition for
+        the rest of a dropped sample (the condition itself is never hidden from itself)."""
         mask = block_causal_mask(self.meta, self.meta)
-        hide = self.cond_dropped[:, :, None] & (self.segment[:, None, :] == SEG_C)
-        hide &= self.segment[:, :, None] != SEG_C  # the condition itself is never hidden
+        hide = self.cond_dropped[:, :, None] & self.droppable[:, None, :]
+        hide &= ~self.droppable[:, :, None]
         return ensure_nonempty_rows(mask & ~hide)
 
 
@@ -123,7 +125,159 @@ def text_to_text_layout(
         meta=TokenMeta(torch.cat([sample_ids, sample_ids], 1), torch.cat([block, block], 1),
                        torch.cat([zeros, valid], 1)),
         segment=torch.cat([segment, segment.masked_fill(segment == SEG_C, SEG_PAD)], 1),
+        droppable=torch.cat([cond_block & valid, zeros], 1),
         cond_dropped=torch.cat([dropped, dropped], 1),
         loss_mask=torch.cat([zeros, loss], 1),
         target=torch.cat([torch.zeros_like(z0), velocity_target(z0, eps)], 1),
     )
+
+
+# --------------------------------------------------------------------------------------------
+# The unified sequence: samples as lists of segments (DESIGN §3 "Unified sequence")
+
+MODALITY_IMAGE = 1
+TEXT_BLOCKS, ONE_BLOCK = "text", "one"
+
+
+@dataclass
+class Segment:
+    """A run of one modality's latents in one sample.
+
+    z0 [n, d] prior-space latents; positions [n, 2] (text: (p, p); image: (row, col), already
+    offset to follow what precedes it); `target` segments are noised and carry the flow loss,
+    the others are clean conditions (t = 0, no loss). `blocks` is TEXT_BLOCKS (cut at every
+    block_size-th text position) or ONE_BLOCK (one bidirectional block, e.g. an image);
+    `join_previous` puts the segment into the previous segment's last block (P + I form one
+    bidirectional condition in image-to-text). `droppable` marks the condition CFG drops.
+    """
+
+    kind: int
+    z0: torch.Tensor
+    modality: int
+    positions: torch.Tensor
+    target: bool
+    blocks: str = TEXT_BLOCKS
+    join_previous: bool = False
+    droppable: bool = False
+
+
+@dataclass(frozen=True)
+class TimeConfig:
+    """Per-modality logit-normal training time (loc is the paper's timeshift)."""
+
+    loc: float = 1.0
+    scale: float = 1.0
+
+
+def text_positions(start: int, n: int) -> torch.Tensor:
+    """[n, 2] positions of n text tokens from `start` (both RoPE axes carry the index)."""
+    p = torch.arange(start, start + n)
+    return torch.stack([p, p], dim=-1)
+
+
+def segment_blocks(segments: list[Segment], block_size: int) -> list[torch.Tensor]:
+    """Block id of every token of every segment, in order (ids increase along the sample)."""
+    out, next_block, last = [], 0, -1
+    for seg in segments:
+        n = seg.z0.shape[0]
+        if seg.blocks == ONE_BLOCK:
+            b = last if seg.join_previous and last >= 0 else next_block
+            ids = torch.full((n,), b, dtype=torch.long)
+        else:
+            rel = seg.positions[:, 0] - seg.positions[0, 0] if n else seg.positions[:, 0]
+            first = last if seg.join_previous and last >= 0 else next_block
+            ids = first + rel // block_size
+        out.append(ids)
+        if n:
+            last = int(ids.max())
+            next_block = last + 1
+    return out
+
+
+def build_layout(samples: list[list[Segment]], block_size: int,
+                 times: dict[int, TimeConfig], cond_drop_prob: float = 0.0,
+                 generator: torch.Generator | None = None) -> Layout:
+    """2L training layout of heterogeneous samples, one sample per row (right-padded):
+    [clean copy of every segment | noisy copy of the target segments].
+
+    One t per (sample, block), drawn from its modality's logit-normal; CFG drops a sample's
+    droppable condition with probability `cond_drop_prob`.
+    """
+    rows = []
+    d = max(seg.z0.shape[-1] for segs in samples for seg in segs)
+    for segs in samples:
+        blocks = segment_blocks(segs, block_size)
+        drop = bool(torch.rand((), generator=generator) < cond_drop_prob)
+        clean, noisy = [], []
+        for seg, blk in zip(segs, blocks):
+            n = seg.z0.shape[0]
+            z0 = torch.nn.functional.pad(seg.z0, (0, d - seg.z0.shape[-1]))
+            base = dict(modality=torch.full((n,), seg.modality), positions=seg.positions,
+                        block=blk, segment=torch.full((n,), seg.kind),
+                        droppable=torch.full((n,), seg.droppable))
+            clean.append(dict(base, z=z0, t=torch.zeros(n), noisy=torch.zeros(n, dtype=torch.bool),
+                              loss=torch.zeros(n, dtype=torch.bool), target=torch.zeros_like(z0)))
+            if seg.target:
+                tc = times[seg.modality]
+                uniq, inv = blk.unique(return_inverse=True)
+                t = sample_logit_normal((len(uniq),), tc.loc, tc.scale, generator=generator)[inv]
+                eps = torch.randn(z0.shape, generator=generator)
+                noisy.append(dict(base, z=interpolate(z0, eps, t), t=t,
+                                  noisy=torch.ones(n, dtype=torch.bool),
+                                  loss=torch.ones(n, dtype=torch.bool),
+                                  target=velocity_target(z0, eps),
+                                  droppable=torch.zeros(n, dtype=torch.bool)))
+        parts = clean + noisy
+        rows.append({k: torch.cat([p[k] for p in parts]) for k in parts[0]} | {"drop": drop})
+    length = max(r["z"].shape[0] for r in rows)
+
+    def stack(key, fill):
+        out = []
+        for r in rows:
+            x = r[key]
+            pad = torch.full((length - x.shape[0], *x.shape[1:]), fill, dtype=x.dtype)
+            out.append(torch.cat([x, pad]))
+        return torch.stack(out)
+
+    n_valid = torch.tensor([r["z"].shape[0] for r in rows])
+    valid = torch.arange(length)[None] < n_valid[:, None]
+    sample = torch.where(valid, 0, -1)
+    return Layout(
+        z=stack("z", 0.0), t=stack("t", 0.0), modality=stack("modality", 0),
+        positions=stack("positions", 0), meta=TokenMeta(sample, stack("block", 0),
+                                                        stack("noisy", False)),
+        segment=stack("segment", SEG_PAD), droppable=stack("droppable", False),
+        cond_dropped=torch.tensor([r["drop"] for r in rows])[:, None].expand(-1, length) & valid,
+        loss_mask=stack("loss", False), target=stack("target", 0.0))
+
+
+# ------------------------------------------------------------------ the three task layouts
+
+
+def text_to_text_segments(c: torch.Tensor, n: torch.Tensor) -> list[Segment]:
+    """[C][N]: clean text condition, then the noisy text target (CFG drops C)."""
+    return [Segment(SEG_C, c, MODALITY_TEXT, text_positions(0, len(c)), False, droppable=True),
+            Segment(SEG_N, n, MODALITY_TEXT, text_positions(len(c), len(n)), True)]
+
+
+def text_to_image_segments(c: torch.Tensor, image: torch.Tensor, grid: torch.Tensor
+                           ) -> list[Segment]:
+    """[C][I]: caption condition, then the image as one noisy bidirectional block (CFG drops
+    the caption). grid [n, 2] (row, col) of the image tokens."""
+    return [Segment(SEG_C, c, MODALITY_TEXT, text_positions(0, len(c)), False, droppable=True),
+            Segment(SEG_I, image, MODALITY_IMAGE, grid + len(c), True, blocks=ONE_BLOCK)]
+
+
+def image_to_text_segments(p: torch.Tensor, image: torch.Tensor, grid: torch.Tensor,
+                           c: torch.Tensor, n: torch.Tensor) -> list[Segment]:
+    """[P][I][C][N]: instruction and image form one bidirectional condition block (dropped
+    together for CFG), then the clean caption prefix and the noisy caption target."""
+    after = len(p) + int(grid.max()) + 1 if len(grid) else len(p)
+    return [
+        Segment(SEG_P, p, MODALITY_TEXT, text_positions(0, len(p)), False, blocks=ONE_BLOCK,
+                droppable=True),
+        Segment(SEG_I, image, MODALITY_IMAGE, grid + len(p), False, blocks=ONE_BLOCK,
+                join_previous=True, droppable=True),
+        Segment(SEG_C, c, MODALITY_TEXT, text_positions(after, len(c)), False),
+        Segment(SEG_N, n, MODALITY_TEXT, text_positions(after + len(c), len(n)), True),
+    ]
