@@ -68,11 +68,15 @@ def cmd_make_shards(args) -> None:
 
 def cmd_train(args) -> None:
     from unified.config import load_preset
+    from unified.distributed import cleanup
     from unified.train import Trainer
 
     cfg = load_preset(args.preset, args.set)
     trainer = Trainer(cfg, args.stage, args.out, init=args.init, resume=args.resume)
-    trainer.train(max_steps=args.max_steps)
+    try:
+        trainer.train(max_steps=args.max_steps)
+    finally:
+        cleanup(trainer.dist)
 
 
 def cmd_export(args) -> None:
