@@ -121,7 +121,9 @@ class TextGenerator:
         for p in prompts:
             if not isinstance(p, str) or not p.strip():
                 raise ValueError("the prompt is empty: give some text to continue")
-            row = [self.tok.bos_token_id, *self.tok(p, add_special_tokens=False)["input_ids"]]
+            # as in training (vaes.tokenizer.encode_document): a literal "<eos>" is text
+            body = self.tok.encode(p, add_special_tokens=False, split_special_tokens=True)
+            row = [self.tok.bos_token_id, *body]
             if len(row) + gen.max_new_tokens > self.context:
                 raise ValueError(
                     f"prompt is too long: {len(row)} tokens + max_new_tokens "
