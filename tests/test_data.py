@@ -294,3 +294,32 @@ def test_pack_batches_pads_samples_to_whole_patches(tok):
         idx = (sid == s).nonzero().flatten()
         assert len(idx) % 4 == 0 and int(idx[0]) % 4 == 0  # whole patches, aligned
         assert batch["positions"][0, idx].tolist() == list(range(len(idx)))
+
+
+def test_mix_streams_holds_ratios_is_deterministic_and_drains_finite_streams():
+    import itertools
+    from collections import Counter
+
+    from unified.data import mix_streams
+
+    def endless(tag):
+        return (f"{tag}{i}" for i in itertools.count())
+
+    ratios = {"t2t": 0.5, "i2t": 0.3, "t2i": 0.2}
+    draws = list(itertools.islice(mix_streams({k: endless(k) for k in ratios}, ratios, seed=3),
+                                  5000))
+    counts = Counter(name for name, _ in draws)
+    for k, r in ratios.items():
+        assert abs(counts[k] / 5000 - r) < 0.02, (k, counts[k])
+    # each stream's own order is preserved, and the same seed gives the same task sequence
+    assert [s for n, s in draws if n == "t2i"][:3] == ["t2i0", "t2i1", "t2i2"]
+    again = list(itertools.islice(mix_streams({k: endless(k) for k in ratios}, ratios, seed=3),
+                                  5000))
+    assert [n for n, _ in again] == [n for n, _ in draws]
+    # finite streams: every sample comes out once, then the mix ends
+    out = list(mix_streams({"a": range(10), "b": range(1000)}, {"a": 0.9, "b": 0.1}, seed=0))
+    assert sorted(s for n, s in out if n == "a") == list(range(10)) and len(out) == 1010
+    with pytest.raises(ValueError):
+        list(mix_streams({"a": range(3)}, {"b": 1.0}))
+    with pytest.raises(ValueError):
+        list(mix_streams({"a": range(3)}, {"a": 0.0}))

@@ -318,3 +318,31 @@ def text_batches(
     )
     return pack_batches(iter(texts), tokenizer, seq_len=seq_len, batch_size=batch_size,
                         multiple_of=multiple_of)
+
+
+def mix_streams(streams: dict[str, Iterable], ratios: dict[str, float], *, seed: int = 0
+                ) -> Iterator[tuple[str, Any]]:
+    """Interleave named streams (e.g. one per task) by ratio: yields (name, sample).
+
+    The choice of stream is drawn from a generator seeded by `seed` only, so every rank that
+    uses the same seed follows the same task sequence (ratios synchronized across ranks). A
+    finite stream that runs out is dropped and the remaining ratios are renormalized; the mix
+    ends when every stream has ended.
+    """
+    import random
+
+    unknown = set(ratios) - set(streams)
+    if unknown:
+        raise ValueError(f"ratios name streams that do not exist: {sorted(unknown)}")
+    bad = {k: v for k, v in ratios.items() if not v >= 0}
+    if bad or not any(v > 0 for v in ratios.values()):
+        raise ValueError(f"ratios must be >= 0 with at least one > 0, got {ratios}")
+    live = {k: iter(streams[k]) for k, v in ratios.items() if v > 0}
+    rng = random.Random(seed)
+    while live:
+        names = list(live)
+        name = rng.choices(names, weights=[ratios[k] for k in names])[0]
+        try:
+            yield name, next(live[name])
+        except StopIteration:
+            del live[name]
