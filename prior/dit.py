@@ -96,8 +96,9 @@ class Attention(nn.Module):
             k_all, v_all = torch.cat([ck, k], 2), torch.cat([cv, v], 2)  # [B, H, Lc + L, Dh]
         else:
             k_all, v_all = k, v
-        if commit:
-            cache.append(layer, k, v)
+        if commit:  # True: every token of this call; an int n: its first n tokens
+            keep = k.shape[2] if commit is True else int(commit)
+            cache.append(layer, k[:, :, :keep], v[:, :, :keep])
         out = attention(q, k_all, v_all, mask, backend)  # [B, H, L, Dh]
         return self.proj(out.transpose(1, 2).reshape(b, n, w))
 
@@ -195,13 +196,14 @@ class DiT(ModelMixin, ConfigMixin):
         positions: torch.Tensor,
         mask: torch.Tensor | None,
         cache: KVCache | None = None,
-        commit: bool = False,
+        commit: bool | int = False,
     ) -> torch.Tensor:
         """Velocity for every token.
 
         z [B, L, Dmax] latents (zero-padded per modality), t [B, L] in [0, 1], modality [B, L]
         long, positions [B, L] or [B, L, axes], mask bool [B, L, Lc + L] (None = full), cache:
-        committed K/V to attend to; commit=True appends this call's K/V to the cache.
+        committed K/V to attend to; commit=True appends this call's K/V to the cache, an int n
+        appends only its first n tokens (a clean block run together with the next noisy one).
         Returns [B, L, Dmax].
         """
         cfg = self.config

@@ -1,11 +1,12 @@
 """Block-wise text generation: prefix encode -> per-block flow transport -> conditional decode.
 
-Fast path (DESIGN §3 "Generation"): the prompt's whole blocks are encoded once into the DiT's KV
-cache and the VAE decoder's cache; each new block is integrated from noise with the cache as
+Fast path (DESIGN §3 "Generation"): the prompt's whole blocks are encoded once into the DiT's
+KV cache and the VAE decoder's cache; each new block is integrated from noise with the cache as
 history, conditional and unconditional branches batched in ONE forward per step (fused CFG);
-the finished block is committed to the DiT cache by one pass at t = 0 and decoded by the VAE
-decoder against its own cache. A prompt that does not end on a block boundary puts its trailing
-tokens into the first generated block, pinned at t = 0 ("clean repaint").
+the finished block is decoded by the VAE decoder against its own cache, and committed to the
+DiT cache (its K/V at t = 0) inside the next block's first step: one call fewer per block.
+A prompt that does not end on a block boundary puts its trailing tokens into the first
+generated block, pinned at t = 0 ("clean repaint").
 
 Slow reference path (`use_cache=False`): every step re-runs the whole sequence through the DiT
 with the Layout's attention rule, and decoding re-runs the decoder over everything. Given the
@@ -235,6 +236,7 @@ class _CachedPath:
         cz = rows.z_prompt.gather(1, src[..., None].expand(b, lc, rows.z_prompt.shape[-1]))
         cz = cz * valid[..., None]
         self.cache = g.prior.new_cache()
+        self.pending: tuple[torch.Tensor, torch.Tensor] | None = None  # block awaiting commit
         # key validity per branch: the unconditional branch never sees the prompt blocks (C)
         self.key_valid = torch.cat([valid, torch.zeros_like(valid)][: self.branches])
         if lc:
@@ -256,30 +258,48 @@ class _CachedPath:
     def _modality(self, b: int, n: int) -> torch.Tensor:
         return torch.full((b, n), MODALITY_TEXT, dtype=torch.long, device=self.key_valid.device)
 
-    def _mask(self) -> torch.Tensor:
-        rb, bs = self.key_valid.shape[0], self.g.bs
-        own = torch.ones(rb, bs, bs, dtype=torch.bool, device=self.key_valid.device)
-        return torch.cat([self.key_valid[:, None, :].expand(rb, bs, -1), own], 2)
+    def _mask(self, pending: bool) -> torch.Tensor:
+        """Keys of the cache (valid per row) + [the pending clean block] + the noisy block.
+        The pending block's own rows see the cache and themselves; the noisy rows see all."""
+        rb, bs, dev = self.key_valid.shape[0], self.g.bs, self.key_valid.device
+        n_new = 2 * bs if pending else bs
+        cache = self.key_valid[:, None, :].expand(rb, n_new, -1)
+        new = torch.ones(rb, n_new, n_new, dtype=torch.bool, device=dev)
+        if pending:
+            new[:, :bs, bs:] = False  # the clean block never sees the noisy one
+        return torch.cat([cache, new], 2)
 
     def velocity(self, z, t, pos):
-        rep = self.branches
-        v = self.g.prior(z.repeat(rep, 1, 1), t.repeat(rep, 1), self._modality(rep * z.shape[0],
-                         z.shape[1]), pos.repeat(rep, 1), self._mask(), cache=self.cache)
+        """One fused call: both CFG branches as rows; the previous block's commit pass (its
+        clean K/V appended to the cache) rides along with the first step of this block."""
+        rep, b, bs = self.branches, z.shape[0], self.g.bs
+        pending = self.pending is not None
+        if pending:
+            zp, pp = self.pending
+            z_in = torch.cat([zp, z], 1)
+            t_in = torch.cat([torch.zeros_like(t), t], 1)
+            pos_in = torch.cat([pp, pos], 1)
+        else:
+            z_in, t_in, pos_in = z, t, pos
+        n = z_in.shape[1]
+        v = self.g.prior(z_in.repeat(rep, 1, 1), t_in.repeat(rep, 1), self._modality(rep * b, n),
+                         pos_in.repeat(rep, 1), self._mask(pending), cache=self.cache,
+                         commit=bs if pending else False)[:, n - z.shape[1]:]
         self.nfe += 1
+        if pending:
+            self.pending = None
+            self.key_valid = torch.cat(
+                [self.key_valid, torch.ones(rep * b, bs, dtype=torch.bool, device=z.device)], 1)
         if rep == 1:
             return v
         v_cond, v_uncond = v.chunk(2)
         return cfg_combine(v_cond, v_uncond, self.gen.guidance)
 
     def commit(self, z, pos):
-        """Append block z (clean, t = 0) to the DiT cache, decode it; returns logits [B, bs, V]."""
-        rep, b, bs = self.branches, z.shape[0], self.g.bs
-        self.g.prior(z.repeat(rep, 1, 1), torch.zeros(rep * b, bs, device=z.device),
-                     self._modality(rep * b, bs), pos.repeat(rep, 1), self._mask(),
-                     cache=self.cache, commit=True)
-        self.nfe += 1
-        self.key_valid = torch.cat([self.key_valid, torch.ones(rep * b, bs, dtype=torch.bool,
-                                                              device=z.device)], 1)
+        """Decode block z against the decoder cache (logits [B, bs, V]); its DiT commit pass
+        is deferred into the next block's first step (never run after the last block)."""
+        b, bs = z.shape[0], self.g.bs
+        self.pending = (z, pos)
         sample = torch.zeros(b, bs, dtype=torch.long, device=z.device)
         logits, self.dec_past = self.g.vae.decode(
             self.g.vae.denormalize(z), sample, pos, self.dec_past, self.dec_sample, self.dec_pos)
