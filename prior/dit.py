@@ -28,7 +28,7 @@ from .attention import attention, resolve_backend
 
 
 class KVCache:
-    """Per-layer keys/values of committed (clean, t = 0) tokens plus which of them are valid."""
+    """Per-layer keys/values of committed (clean, t = 0) tokens (validity masks are the caller's)."""
 
     def __init__(self, depth: int):
         self.k: list[torch.Tensor | None] = [None] * depth
