@@ -101,11 +101,14 @@ def integrate(
     *,
     pinned: torch.Tensor | None = None,
     pinned_value: torch.Tensor | None = None,
+    callback: Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None,
 ) -> torch.Tensor:
     """Integrate dz/dt = velocity(z, t_tok) from t = 1 to t = 0.
 
     z: [..., L, D] noise. `velocity` receives per-token times [..., L]. `pinned` ([..., L] bool)
     marks clean positions ("clean repaint"): they carry t = 0 and are reset to `pinned_value`.
+    `callback(i, z, v, t_tok)` sees each step's start point, the velocity it moves along and
+    the per-token time (e.g. to record the data estimate z - t v).
     """
     grid = time_grid(cfg.steps, cfg.shift, device=z.device)
     tok_shape = z.shape[:-1]
@@ -124,6 +127,8 @@ def integrate(
             if pinned is not None:
                 z_pred = torch.where(pinned.unsqueeze(-1), pinned_value, z_pred)
             v = 0.5 * (v + velocity(z_pred, t_tok(t1)))
+        if callback is not None:
+            callback(i, z, v, t_tok(t0))
         z = z + (t1 - t0) * v
         if pinned is not None:
             z = torch.where(pinned.unsqueeze(-1), pinned_value, z)

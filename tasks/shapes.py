@@ -334,6 +334,30 @@ def extract_objects(text: str) -> list[Obj]:
     return list(found.values())
 
 
+# ----------------------------------------------------------------------------- questions
+
+
+def questions(scene: Scene) -> list[tuple[str, str]]:
+    """Every (question, answer) the scene answers unambiguously, for visual question answering:
+
+    * ``how many objects are there?`` -> a count word;
+    * ``what color is the object at the <position>?`` -> its colour;
+    * ``what shape is at the <position>?`` -> its shape;
+    * ``how big is the <color> <shape> at the <position>?`` -> ``small`` / ``large``;
+    * ``where is the <size> <color> <shape>?`` -> ``at the <position>`` (when that object is
+      the only one of its kind in the scene).
+    """
+    out = [("how many objects are there?", COUNT_WORDS[len(scene) - 1])]
+    kinds = [o.combo for o in scene.objects]
+    for o in scene.objects:
+        out.append((f"what color is the object at the {o.position}?", o.color))
+        out.append((f"what shape is at the {o.position}?", o.shape))
+        out.append((f"how big is the {o.color} {o.shape} at the {o.position}?", o.size))
+        if kinds.count(o.combo) == 1:
+            out.append((f"where is the {o.size} {o.color} {o.shape}?", f"at the {o.position}"))
+    return out
+
+
 # ----------------------------------------------------------------------------- geometry and rendering
 
 

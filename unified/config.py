@@ -50,6 +50,34 @@ class LossConfig:
     lambda_fm: float = 1.0  # stage 2: flow-matching weight
     lambda_ref: float = 0.1  # stage 2: KL(q_phi || q_phi_ref) to the frozen stage-1 encoder
     sample_posterior: bool = True  # z ~ q(z|x); False uses the mean (deterministic ablation)
+    image_kl_weight: float = 1e-3  # stage 1: KL weight of the image VAE (per-pixel normalized)
+    # stage 2: weight of each task's flow loss in L_FM (tasks not named weigh 1)
+    task_weights: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class ImageConfig:
+    """The image side: the image VAE and how its latents enter the prior."""
+
+    pretrained: str = ""  # a local diffusers AutoencoderKL folder; "" = train a small one
+    size: int = 32  # training images are resized to size x size
+    latent_channels: int = 4
+    widths: tuple[int, ...] = (32, 64, 64)  # 2^(len - 1) downsampling
+    patch_size: int = 2  # latent patch -> one prior token of latent_channels * p * p values
+    time_loc: float = 0.0  # logit-normal training time of image tokens (loc, scale)
+    time_scale: float = 1.0
+    lr_mult: float = 1.0  # stage 1: image VAE learning rate multiplier
+
+
+@dataclass
+class TasksConfig:
+    """The task mixture of the image-text samples (each sample goes to one task)."""
+
+    ratios: dict[str, float] = field(default_factory=lambda: {"image_to_text": 0.5,
+                                                                "text_to_image": 0.5})
+    cond_drop_prob: float = 0.1  # CFG: drop the condition (image / caption) of a sample
+    question_prob: float = 0.0  # image-to-text: share of samples that ask a question (VQA)
+    caption_prefix_prob: float = 0.2  # image-to-text: share that give a random caption prefix
 
 
 @dataclass
@@ -57,7 +85,10 @@ class DataConfig:
     train: str = "data/stdlib/train"
     heldout: str = "data/stdlib/heldout"
     seq_len: int = 256
-    batch_size: int = 16
+    batch_size: int = 16  # packed prose rows per step (text-to-text), global
+    pairs: str = ""  # image-text shards (img2dataset layout); "" = a text-only model
+    pairs_heldout: str = ""
+    pair_batch_size: int = 0  # image-text samples per step, global
     tokenizer_docs: int = 20000  # documents used to train the BPE in stage 1
     shuffle_buffer: int = 1000  # samples mixed across drawn shards (a shard reads in order)
 
@@ -95,6 +126,8 @@ class ColaConfig:
     vae: VAEConfig = field(default_factory=VAEConfig)
     prior: PriorConfig = field(default_factory=PriorConfig)
     layout: TextLayoutConfig = field(default_factory=TextLayoutConfig)
+    image: ImageConfig = field(default_factory=ImageConfig)
+    tasks: TasksConfig = field(default_factory=TasksConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)

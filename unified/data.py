@@ -7,6 +7,7 @@ warning and counts it, and reading continues with the next sample or shard.
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import logging
 from collections import Counter
@@ -19,6 +20,7 @@ import torch
 import webdataset as wds
 from torch.utils.data import IterableDataset
 
+from unified.layout import MODALITY_IMAGE, SegmentSpec
 from vaes.tokenizer import encode_document
 
 logger = logging.getLogger("cola.data")
@@ -346,3 +348,83 @@ def mix_streams(streams: dict[str, Iterable], ratios: dict[str, float], *, seed:
             yield name, next(live[name])
         except StopIteration:
             del live[name]
+
+
+# --------------------------------------------------------------------------------------------
+# task samples: what a task (tasks/) makes of an image-text record, and their batches
+
+
+@dataclasses.dataclass
+class TaskSample:
+    """One training sample of a task before encoding: the token ids of its text pieces
+    ([bos] ... [eos] each), its images ([3, H, W] in [-1, 1]) and its layout recipe, whose
+    SegmentSpec sources index `texts` (text segments) and `images` (image segments)."""
+
+    task: str
+    texts: list[list[int]]
+    images: list[torch.Tensor]
+    recipe: list[SegmentSpec]
+    cond_drop: float = 0.0
+
+
+def pack_pieces(pieces: list[list[int]], seq_len: int, pad_id: int
+                ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Pack token-id pieces greedily into rows of seq_len (each piece its own sample).
+
+    Returns the rows ({input_ids, sample_ids, positions} [R, seq_len], as pack_batches) and
+    the index [n_pieces, 3] of (row, start, length) of every piece."""
+    rows: list[list[list[int]]] = []
+    index, col = [], seq_len
+    for piece in pieces:
+        n = len(piece)
+        if not 0 < n <= seq_len:
+            raise ValueError(f"a text piece of {n} tokens does not fit rows of {seq_len}")
+        if col + n > seq_len:
+            rows.append([])
+            col = 0
+        index.append((len(rows) - 1, col, n))
+        rows[-1].append(piece)
+        col += n
+    r = max(1, len(rows))
+    input_ids = torch.full((r, seq_len), pad_id, dtype=torch.long)
+    sample_ids = torch.full((r, seq_len), -1, dtype=torch.long)
+    positions = torch.zeros((r, seq_len), dtype=torch.long)
+    next_sample = [0] * r
+    for (row, start, n), piece in zip(index, pieces):
+        input_ids[row, start:start + n] = torch.tensor(piece)
+        sample_ids[row, start:start + n] = next_sample[row]
+        positions[row, start:start + n] = torch.arange(n)
+        next_sample[row] += 1
+    rows_t = {"input_ids": input_ids, "sample_ids": sample_ids, "positions": positions}
+    return rows_t, torch.tensor(index, dtype=torch.long).view(-1, 3)
+
+
+def collate_task_samples(samples: list[TaskSample], *, seq_len: int, pad_id: int) -> dict:
+    """A batch of task samples: every text piece packed into rows (one Text VAE pass for all),
+    images stacked, recipes re-indexed to the batch's pieces and images."""
+    pieces, images, recipes = [], [], []
+    for smp in samples:
+        t0, i0 = len(pieces), len(images)
+        recipes.append([dataclasses.replace(
+            spec, source=spec.source + (i0 if spec.modality == MODALITY_IMAGE else t0))
+            for spec in smp.recipe])
+        pieces.extend(smp.texts)
+        images.extend(smp.images)
+    rows, index = pack_pieces(pieces, seq_len, pad_id)
+    return {
+        "pieces": rows,
+        "piece_index": index,
+        "images": torch.stack(images) if images else torch.zeros(0),
+        "recipes": recipes,
+        "cond_drop": [smp.cond_drop for smp in samples],
+        "tasks": [smp.task for smp in samples],
+    }
+
+
+def to_device(batch, device: torch.device):
+    """Tensors of a (nested) batch moved to `device`; everything else as is."""
+    if torch.is_tensor(batch):
+        return batch.to(device)
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    return batch

@@ -21,12 +21,10 @@ from safetensors.torch import load_file, save_file
 from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 from torch.distributed.tensor import DTensor
 
-from prior.dit import DiT
 from unified.checkpoint import optimizer_from_flat, optimizer_to_flat
-from unified.model import MODEL_INDEX, ColaModel
-from vaes.text_vae import TextVAE
+from unified.model import ColaModel
 
-SHARDED_PREFIXES = ("vae.", "prior.")
+SHARDED_PREFIXES = ("vae.", "prior.", "image_vae.")
 
 
 def shard_model(model: ColaModel, device_type: str, world: int) -> None:
@@ -39,6 +37,10 @@ def shard_model(model: ColaModel, device_type: str, world: int) -> None:
     fully_shard(model.vae, mesh=mesh)
     for method in ("encode", "decode"):  # the VAE is called through these, not forward()
         register_fsdp_forward_method(model.vae, method)
+    if model.image_vae is not None:  # trained in stage 1, frozen (but still sharded) after
+        fully_shard(model.image_vae, mesh=mesh)
+        for method in ("encode", "decode"):
+            register_fsdp_forward_method(model.image_vae, method)
     if model.prior is not None:
         for blk in model.prior.blocks:
             fully_shard(blk, mesh=mesh)
@@ -95,14 +97,7 @@ def load_sharded_model(folder: str | Path) -> ColaModel:
                    key=lambda p: int(p.stem.rsplit("-", 1)[1]))
     if not files:
         raise FileNotFoundError(f"no model-shard-*.safetensors in {folder}")
-    skel = folder / "model"
-    from vaes.tokenizer import load_tokenizer
-
-    vae = TextVAE.from_config(TextVAE.load_config(skel / "text_vae"))
-    prior = DiT.from_config(DiT.load_config(skel / "prior")) if (skel / "prior").is_dir() else None
-    index = json.loads((skel / MODEL_INDEX).read_text())
-    model = ColaModel(vae, prior, load_tokenizer(skel / "tokenizer"),
-                      ColaModel.layout_from_index(index))
+    model = ColaModel.from_pretrained(folder / "model", weights=False)
     parts = [load_file(str(f)) for f in files]
     full = {k: torch.cat([p[k] for p in parts], dim=0) for k in parts[0]}
     missing = [k for k in model.state_dict() if k.startswith(SHARDED_PREFIXES) and k not in full]

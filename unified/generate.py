@@ -1,33 +1,54 @@
-"""Block-wise text generation: prefix encode -> per-block flow transport -> conditional decode.
+"""Block-wise generation: prefix encode -> per-block flow transport -> decode (DESIGN §3).
 
-Fast path (DESIGN §3 "Generation"): the prompt's whole blocks are encoded once into the DiT's
-KV cache and the VAE decoder's cache; each new block is integrated from noise with the cache as
-history, conditional and unconditional branches batched in ONE forward per step (fused CFG);
-the finished block is decoded by the VAE decoder against its own cache, and committed to the
-DiT cache (its K/V at t = 0) inside the next block's first step: one call fewer per block.
-A prompt that does not end on a block boundary puts its trailing tokens into the first
-generated block, pinned at t = 0 ("clean repaint").
+The engine is task-agnostic: a batch of rows, each a list of condition Segments (any modality:
+an instruction and an image, a caption, a text prompt's whole blocks), then a target that is
+either text (blocks of `block_size` latents until EOS or the budget) or an image (one
+bidirectional block).
 
-Slow reference path (`use_cache=False`): every step re-runs the whole sequence through the DiT
-with the Layout's attention rule, and decoding re-runs the decoder over everything. Given the
-same seed both paths produce the same tokens (tests/test_generate.py).
+Fast path (`use_cache=True`, `_CachedPrior`): the condition prefix is encoded once into the
+DiT's KV cache; each new block is integrated from noise against that cache, the conditional and
+unconditional CFG branches batched as rows of ONE forward per step (fused CFG); a finished text
+block is decoded by the VAE decoder against its own cache and committed to the DiT cache (its
+K/V at t = 0) inside the next block's first step: one call fewer per block. A text prompt that
+does not end on a block boundary puts its trailing tokens into the first generated block,
+pinned at t = 0 ("clean repaint").
+
+Slow reference path (`use_cache=False`, `_ReferencePrior`): every step re-runs the whole
+sequence through the DiT with the training Layout's attention rule, and decoding re-runs the
+decoder over everything. Given the same seed both paths produce the same output
+(tests/test_generate.py, tests/test_unified_generate.py).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import torch
 
-from prior.attention import TokenMeta, block_causal_mask, ensure_nonempty_rows
+from prior.attention import TokenMeta
 from prior.flow import SamplerConfig, cfg_combine, integrate
-from unified.layout import MODALITY_TEXT, SEG_C, SEG_N, SEG_PAD, Layout
+from unified.layout import (
+    MODALITY_IMAGE,
+    MODALITY_TEXT,
+    SEG_C,
+    Layout,
+    Segment,
+    image_positions,
+    segment_blocks,
+    text_positions,
+)
 from unified.model import ColaModel
+
+
+def _check_sampler(steps, method, shift, guidance) -> SamplerConfig:
+    return SamplerConfig(steps, method, shift, guidance)  # validates with clear messages
 
 
 @dataclass(frozen=True)
 class GenerationConfig:
+    """Knobs of text generation (text-to-text and image-to-text)."""
+
     max_new_tokens: int = 64
     steps: int = 8
     guidance: float = 2.0
@@ -47,16 +68,34 @@ class GenerationConfig:
             raise ValueError(f"top_k must be >= 0, got {self.top_k}")
         if not (0.0 < self.top_p <= 1.0):
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        _ = self.sampler  # validates steps / method / shift / guidance
+        _ = self.sampler
 
     @property
     def sampler(self) -> SamplerConfig:
-        return SamplerConfig(self.steps, self.method, self.shift, self.guidance)
+        return _check_sampler(self.steps, self.method, self.shift, self.guidance)
+
+
+@dataclass(frozen=True)
+class ImageGenerationConfig:
+    """Knobs of text-to-image generation."""
+
+    steps: int = 16
+    guidance: float = 4.0
+    shift: float = 1.0
+    method: str = "euler"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _ = self.sampler
+
+    @property
+    def sampler(self) -> SamplerConfig:
+        return _check_sampler(self.steps, self.method, self.shift, self.guidance)
 
 
 @dataclass
 class BlockOutput:
-    """One generated block for every row: the new token ids and the text so far."""
+    """One generated text block for every row: the new token ids and the text so far."""
 
     index: int
     new_ids: list[list[int]]
@@ -67,14 +106,14 @@ class BlockOutput:
 
 
 @dataclass
-class _Rows:
-    """Per-row prompt bookkeeping (latent units; patch_size 1 means latent == token)."""
+class ImageOutput:
+    """Generated images: prior-space tokens, decoded pixels, and the denoising trajectory."""
 
-    ids: list[list[int]]
-    z_prompt: torch.Tensor  # [B, Smax, d] normalized posterior means
-    n_full: torch.Tensor  # [B] whole prompt blocks (segment C)
-    tail: torch.Tensor  # [B] prompt tokens pinned in the first generated block
-    generated: list[list[int]] = field(default_factory=list)
+    tokens: torch.Tensor  # [B, n, d] prior-space image tokens
+    images: torch.Tensor  # [B, 3, H, W] in [-1, 1]
+    trajectory: list[torch.Tensor]  # per recorded step: [B, 3, H, W] decode of the data estimate
+    trajectory_t: list[float]  # the time of each recorded step
+    nfe: int
 
 
 def sample_tokens(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
@@ -96,8 +135,234 @@ def sample_tokens(logits: torch.Tensor, temperature: float, top_k: int, top_p: f
     return flat.view(probs.shape[:-1])
 
 
+# --------------------------------------------------------------------------------------------
+# the condition prefix
+
+
+@dataclass
+class Prefix:
+    """Condition tokens of every row, right-padded: each tensor [B, Lp] or [B, Lp, ...]."""
+
+    z: torch.Tensor
+    modality: torch.Tensor
+    positions: torch.Tensor  # [B, Lp, 2]
+    block: torch.Tensor
+    valid: torch.Tensor
+    droppable: torch.Tensor
+
+    @property
+    def length(self) -> int:
+        return self.z.shape[1]
+
+    @classmethod
+    def from_rows(cls, rows: list[list[Segment]], block_size: int, width: int,
+                  device: torch.device) -> Prefix:
+        """Stack rows of clean condition segments (block ids as in training's segment_blocks)."""
+        lp = max((sum(s.z0.shape[0] for s in segs) for segs in rows), default=0)
+        b = len(rows)
+        out = cls(torch.zeros(b, lp, width, device=device),
+                  torch.zeros(b, lp, dtype=torch.long, device=device),
+                  torch.zeros(b, lp, 2, dtype=torch.long, device=device),
+                  torch.zeros(b, lp, dtype=torch.long, device=device),
+                  torch.zeros(b, lp, dtype=torch.bool, device=device),
+                  torch.zeros(b, lp, dtype=torch.bool, device=device))
+        for r, segs in enumerate(rows):
+            at = 0
+            for seg, blk in zip(segs, segment_blocks(segs, block_size)):
+                n = seg.z0.shape[0]
+                sl = slice(at, at + n)
+                out.z[r, sl, : seg.z0.shape[-1]] = seg.z0
+                out.modality[r, sl] = seg.modality
+                out.positions[r, sl] = seg.positions
+                out.block[r, sl] = blk
+                out.valid[r, sl] = True
+                out.droppable[r, sl] = seg.droppable
+                at += n
+        return out
+
+    def layout(self, dropped: bool) -> Layout:
+        """The prefix as a clean training Layout (one CFG branch), for its attention rule."""
+        sample = torch.where(self.valid, 0, -1)
+        meta = TokenMeta(sample, self.block, torch.zeros_like(self.valid))
+        cd = torch.full_like(self.valid, dropped) & self.valid
+        return Layout(self.z, torch.zeros(self.valid.shape, device=self.z.device),
+                      self.modality, self.positions, meta, sample, self.droppable & self.valid,
+                      cd, torch.zeros_like(self.valid))
+
+
+def next_position(segments: list[Segment]) -> int:
+    """The first text position after a row of placed segments (text (p, p) and image
+    (row, col) + offset positions alike: one past the largest coordinate)."""
+    return max((int(s.positions.max()) + 1 for s in segments if s.z0.shape[0]), default=0)
+
+
+# --------------------------------------------------------------------------------------------
+# the prior, fast and slow
+
+
+class _CachedPrior:
+    """KV-cached prior state. Rows [0, B) are the conditional branch, [B, 2B) unconditional."""
+
+    def __init__(self, prior, prefix: Prefix, guidance: float):
+        self.prior, self.guidance = prior, guidance
+        self.branches = 1 if guidance == 1.0 else 2
+        self.nfe = 0
+        self.cache = prior.new_cache()
+        self.pending: tuple | None = None  # a finished block awaiting its commit pass
+        rep = self.branches
+        self.key_valid = torch.cat([prefix.valid, prefix.valid & ~prefix.droppable][:rep])
+        if prefix.length:
+            masks = [prefix.layout(dropped=d).attention_mask() for d in (False, True)[:rep]]
+            prior(prefix.z.repeat(rep, 1, 1), torch.zeros(self.key_valid.shape, device=prefix.z.device),
+                  prefix.modality.repeat(rep, 1), prefix.positions.repeat(rep, 1, 1),
+                  torch.cat(masks), cache=self.cache, commit=True)
+            self.nfe += 1
+
+    def _mask(self, n_pending: int, n_new: int) -> torch.Tensor:
+        """Keys: the cache (valid per row) + [the pending clean block] + the noisy block. The
+        pending block's rows see the cache and themselves; the noisy rows see everything."""
+        rb, dev = self.key_valid.shape[0], self.key_valid.device
+        n = n_pending + n_new
+        cache = self.key_valid[:, None, :].expand(rb, n, -1)
+        new = torch.ones(rb, n, n, dtype=torch.bool, device=dev)
+        new[:, :n_pending, n_pending:] = False  # the clean block never sees the noisy one
+        return torch.cat([cache, new], 2)
+
+    def velocity(self, z, t, modality, pos):
+        """One fused call for both CFG branches; the pending commit pass rides along."""
+        rep, b = self.branches, z.shape[0]
+        n_p = 0
+        if self.pending is not None:
+            zp, mp, pp = self.pending
+            n_p = zp.shape[1]
+            z = torch.cat([zp, z], 1)
+            t = torch.cat([torch.zeros(zp.shape[:2], device=zp.device), t], 1)
+            modality, pos = torch.cat([mp, modality], 1), torch.cat([pp, pos], 1)
+        v = self.prior(z.repeat(rep, 1, 1), t.repeat(rep, 1), modality.repeat(rep, 1),
+                       pos.repeat(rep, 1, 1), self._mask(n_p, z.shape[1] - n_p),
+                       cache=self.cache, commit=n_p if n_p else False)[:, n_p:]
+        self.nfe += 1
+        if n_p:
+            self.pending = None
+            self.key_valid = torch.cat([self.key_valid, torch.ones(
+                rep * b, n_p, dtype=torch.bool, device=z.device)], 1)
+        if rep == 1:
+            return v
+        v_cond, v_uncond = v.chunk(2)
+        return cfg_combine(v_cond, v_uncond, self.guidance)
+
+    def commit(self, z, modality, pos) -> None:
+        """A finished block joins the history (its K/V are computed in the next call)."""
+        self.pending = (z, modality, pos)
+
+
+class _ReferencePrior:
+    """No cache: every call re-runs [clean history | noisy block] with the Layout's rule."""
+
+    def __init__(self, prior, prefix: Prefix, guidance: float):
+        self.prior, self.guidance = prior, guidance
+        self.branches = 1 if guidance == 1.0 else 2
+        self.nfe = 0
+        self.hist = prefix  # grows by one block per commit
+
+    def _layout(self, z, t, modality, pos, dropped: bool) -> Layout:
+        h, (b, n) = self.hist, z.shape[:2]
+        dev = z.device
+        last = torch.where(h.valid, h.block, -1).amax(1, keepdim=True) if h.length else \
+            torch.full((b, 1), -1, device=dev, dtype=torch.long)
+        ones = torch.ones(b, n, dtype=torch.bool, device=dev)
+        sample = torch.cat([torch.where(h.valid, 0, -1), torch.zeros_like(ones, dtype=torch.long)], 1)
+        meta = TokenMeta(sample, torch.cat([h.block, (last + 1).expand(b, n)], 1),
+                         torch.cat([torch.zeros_like(h.valid), ones], 1))
+        valid = sample >= 0
+        return Layout(torch.cat([h.z, z], 1), torch.cat([torch.zeros(h.valid.shape, device=dev), t], 1),
+                      torch.cat([h.modality, modality], 1), torch.cat([h.positions, pos], 1),
+                      meta, sample, torch.cat([h.droppable & h.valid, ~ones], 1),
+                      torch.full_like(valid, dropped) & valid, torch.cat([~h.valid, ones], 1))
+
+    def velocity(self, z, t, modality, pos):
+        outs = []
+        for dropped in (False, True)[: self.branches]:
+            lay = self._layout(z, t, modality, pos, dropped)
+            v = self.prior(lay.z, lay.t, lay.modality, lay.positions, lay.attention_mask())
+            outs.append(v[:, -z.shape[1]:])
+            self.nfe += 1
+        return outs[0] if len(outs) == 1 else cfg_combine(outs[0], outs[1], self.guidance)
+
+    def commit(self, z, modality, pos) -> None:
+        h, (b, n) = self.hist, z.shape[:2]
+        last = torch.where(h.valid, h.block, -1).amax(1, keepdim=True) if h.length else \
+            torch.full((b, 1), -1, device=z.device, dtype=torch.long)
+        ones = torch.ones(b, n, dtype=torch.bool, device=z.device)
+        self.hist = Prefix(torch.cat([h.z, z], 1), torch.cat([h.modality, modality], 1),
+                           torch.cat([h.positions, pos], 1),
+                           torch.cat([h.block, (last + 1).expand(b, n)], 1),
+                           torch.cat([h.valid, ones], 1), torch.cat([h.droppable, ~ones], 1))
+
+
+def _prior_session(prior, prefix: Prefix, guidance: float, use_cache: bool):
+    return (_CachedPrior if use_cache else _ReferencePrior)(prior, prefix, guidance)
+
+
+# --------------------------------------------------------------------------------------------
+# the text decoder, fast and slow
+
+
+class _TextDecoder:
+    """Decodes text blocks with the VAE decoder: against its own KV cache (fast) or by
+    re-running everything decoded so far (reference). Positions are the text's own (VAE)."""
+
+    def __init__(self, vae, z_prompt: torch.Tensor, n_prompt: torch.Tensor, block_size: int,
+                 use_cache: bool):
+        self.vae, self.bs, self.use_cache = vae, block_size, use_cache
+        b, dev = z_prompt.shape[0], z_prompt.device
+        lc = int(n_prompt.max()) * block_size if b else 0
+        ar = torch.arange(lc, device=dev)
+        valid = ar[None] < (n_prompt * block_size)[:, None]  # [B, Lc]
+        self.z = z_prompt[:, :lc] * valid[..., None]
+        self.sample = torch.where(valid, 0, -1)
+        self.pos = ar.expand(b, lc).clone()
+        self.past = None
+        if use_cache and lc:
+            _, self.past = vae.decode(vae.denormalize(self.z), self.sample, self.pos)
+
+    def decode(self, z: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """Logits [B, bs, V] of block z [B, bs, d] at text positions pos [B, bs]."""
+        sample = torch.zeros(pos.shape, dtype=torch.long, device=z.device)
+        vae = self.vae
+        if self.use_cache:
+            logits, self.past = vae.decode(vae.denormalize(z), sample, pos, self.past,
+                                           self.sample, self.pos)
+        else:
+            allz = torch.cat([self.z, z], 1)
+            logits, _ = vae.decode(vae.denormalize(allz), torch.cat([self.sample, sample], 1),
+                                   torch.cat([self.pos, pos], 1))
+            logits = logits[:, -z.shape[1]:]
+            self.z = allz
+        self.sample = torch.cat([self.sample, sample], 1)
+        self.pos = torch.cat([self.pos, pos], 1)
+        return logits
+
+
+# --------------------------------------------------------------------------------------------
+# text generation (text-to-text, and image-to-text with condition rows)
+
+
+@dataclass
+class _Rows:
+    """Per-row prompt bookkeeping (latent units; patch_size 1 means latent == token)."""
+
+    ids: list[list[int]]
+    z_prompt: torch.Tensor  # [B, Smax, d] normalized posterior means
+    n_full: torch.Tensor  # [B] whole prompt blocks (segment C)
+    tail: torch.Tensor  # [B] prompt tokens pinned in the first generated block
+    offset: torch.Tensor  # [B] prior position of the text's first token
+    generated: list[list[int]]
+
+
 class TextGenerator:
-    """Generates continuations of prompts with a trained ColaModel."""
+    """Generates text with a trained ColaModel: continuations of prompts (text-to-text) or,
+    given condition rows (e.g. an instruction and an image), text that follows them."""
 
     def __init__(self, model: ColaModel):
         if model.prior is None:
@@ -114,16 +379,19 @@ class TextGenerator:
     def context(self) -> int:
         return self.vae.config.max_len
 
-    # ----------------------------------------------------------------- prompt handling
-    def _prepare(self, prompts: list[str], gen: GenerationConfig) -> _Rows:
+    def _prepare(self, prompts: list[str], gen: GenerationConfig, conditioned: bool,
+                 offsets: list[int]) -> _Rows:
         if not prompts:
             raise ValueError("no prompts given")
         ids = []
         for p in prompts:
-            if not isinstance(p, str) or not p.strip():
+            if not isinstance(p, str):
+                raise ValueError(f"a prompt must be a string, got {type(p).__name__}")
+            if not conditioned and not p.strip():
                 raise ValueError("the prompt is empty: give some text to continue")
             # as in training (vaes.tokenizer.encode_document): a literal "<eos>" is text
-            body = self.tok.encode(p, add_special_tokens=False, split_special_tokens=True)
+            body = self.tok.encode(p, add_special_tokens=False, split_special_tokens=True) \
+                if p.strip() else []
             row = [self.tok.bos_token_id, *body]
             if len(row) + gen.max_new_tokens > self.context:
                 raise ValueError(
@@ -131,37 +399,32 @@ class TextGenerator:
                     f"{gen.max_new_tokens} exceed the model's context of {self.context} tokens "
                     f"(shorten the prompt or lower max_new_tokens)")
             ids.append(row)
-        dev = self.vae.device
-        b, smax = len(ids), max(map(len, ids))
-        input_ids = torch.full((b, smax), self.tok.pad_token_id, dtype=torch.long, device=dev)
-        sample = torch.full((b, smax), -1, dtype=torch.long, device=dev)
-        for i, row in enumerate(ids):
-            input_ids[i, : len(row)] = torch.tensor(row, device=dev)
-            sample[i, : len(row)] = 0
-        positions = torch.arange(smax, device=dev).expand(b, smax)
-        mean, _ = self.vae.encode(input_ids, sample, positions)
+        z_prompt = self.model.encode_texts(ids)
+        dev = z_prompt.device
         lengths = torch.tensor([len(r) for r in ids], device=dev)
-        return _Rows(ids, self.vae.normalize(mean), lengths // self.bs, lengths % self.bs,
-                     [[] for _ in ids])
+        return _Rows(ids, z_prompt, lengths // self.bs, lengths % self.bs,
+                     torch.tensor(offsets, device=dev), [[] for _ in ids])
 
-    def _block_positions(self, rows: _Rows, g: int) -> torch.Tensor:
-        start = (rows.n_full + g) * self.bs  # [B]
-        return start[:, None] + torch.arange(self.bs, device=start.device)  # [B, bs]
+    def _prompt_segments(self, rows: _Rows, r: int, droppable: bool) -> Segment:
+        n = int(rows.n_full[r]) * self.bs
+        pos = text_positions(int(rows.offset[r]), n).to(rows.z_prompt.device)
+        return Segment(SEG_C, rows.z_prompt[r, :n], MODALITY_TEXT, pos, False,
+                       droppable=droppable)
 
-    def _pins(self, rows: _Rows, g: int):
-        """(pinned [B, bs] bool, pinned values [B, bs, d]) for generated block g."""
+    def _block(self, rows: _Rows, g: int):
+        """Text positions [B, bs] of generated block g, pins (bool [B, bs], values [B, bs, d])."""
         b, d = rows.z_prompt.shape[0], rows.z_prompt.shape[-1]
         ar = torch.arange(self.bs, device=rows.z_prompt.device)
+        text_pos = ((rows.n_full + g) * self.bs)[:, None] + ar  # [B, bs]
         pinned = (ar[None] < rows.tail[:, None]) & (g == 0)
         values = torch.zeros(b, self.bs, d, device=rows.z_prompt.device)
         if g == 0:
-            idx = (rows.n_full * self.bs)[:, None] + ar  # prompt positions of the tail
-            idx = idx.clamp_max(rows.z_prompt.shape[1] - 1)
+            idx = text_pos.clamp_max(rows.z_prompt.shape[1] - 1)
             values = rows.z_prompt.gather(1, idx[..., None].expand(b, self.bs, d))
-        return pinned, values
+        return text_pos, pinned, values
 
-    def _emit(self, rows: _Rows, g: int, logits, pinned, gen, token_gen, finished, budget):
-        """Tokens of block g per row: prompt ids where pinned, sampled elsewhere; cut at EOS."""
+    def _emit(self, rows: _Rows, logits, pinned, gen, token_gen, finished, budget):
+        """Tokens of one block per row: prompt ids where pinned, sampled elsewhere; cut at EOS."""
         sampled = sample_tokens(logits, gen.temperature, gen.top_k, gen.top_p, token_gen)
         new_ids = []
         for i in range(len(rows.ids)):
@@ -182,193 +445,106 @@ class TextGenerator:
             new_ids.append(out)
         return new_ids
 
-    def _texts(self, rows: _Rows) -> list[str]:
-        return [self.tok.decode(g, skip_special_tokens=True) for g in rows.generated]
-
-    # ----------------------------------------------------------------- public API
     @torch.no_grad()
     def stream(self, prompts: list[str], gen: GenerationConfig | None = None,
-               use_cache: bool = True) -> Iterator[BlockOutput]:
-        """Yield a BlockOutput after each generated block until every row hit EOS or budget."""
+               use_cache: bool = True, conditions: list[list[Segment]] | None = None
+               ) -> Iterator[BlockOutput]:
+        """Yield a BlockOutput after each generated block until every row hit EOS or budget.
+
+        `conditions` (one list of placed Segments per prompt, e.g. an instruction and an
+        image) come before the text; CFG then drops their droppable parts. Without them the
+        prompt's whole blocks are the condition CFG drops (text-to-text)."""
         gen = gen or GenerationConfig()
-        rows = self._prepare(prompts, gen)
-        dev = rows.z_prompt.device
+        if conditions is not None and len(conditions) != len(prompts):
+            raise ValueError(f"{len(conditions)} condition rows for {len(prompts)} prompts")
+        offsets = [next_position(c) for c in conditions] if conditions else [0] * len(prompts)
+        rows = self._prepare(prompts, gen, conditions is not None, offsets)
+        dev, d = rows.z_prompt.device, rows.z_prompt.shape[-1]
+        prefix_rows = [[*(conditions[r] if conditions else []),
+                        self._prompt_segments(rows, r, droppable=conditions is None)]
+                       for r in range(len(prompts))]
+        prefix = Prefix.from_rows(prefix_rows, self.bs, self.prior.latent_width, dev)
+        prior = _prior_session(self.prior, prefix, gen.guidance, use_cache)
+        decoder = _TextDecoder(self.vae, rows.z_prompt, rows.n_full, self.bs, use_cache)
         noise_gen = torch.Generator(device=dev).manual_seed(gen.seed)
         token_gen = torch.Generator(device=dev).manual_seed(gen.seed + 1)
-        impl = _CachedPath(self, rows, gen) if use_cache else _ReferencePath(self, rows, gen)
         finished = [False] * len(prompts)
         max_blocks = (gen.max_new_tokens + self.bs - 1) // self.bs + 1
-        d = rows.z_prompt.shape[-1]
+        b = len(prompts)
+        mod = torch.full((b, self.bs), MODALITY_TEXT, dtype=torch.long, device=dev)
         for g in range(max_blocks):
-            pinned, values = self._pins(rows, g)
-            eps = torch.randn(len(prompts), self.bs, d, device=dev, generator=noise_gen)
-            pos = self._block_positions(rows, g)
-            z = integrate(lambda z, t, pos=pos: impl.velocity(z, t, pos), eps, gen.sampler,
-                          pinned=pinned, pinned_value=values)  # [B, bs, d]
-            logits = impl.commit(z, pos)  # [B, bs, V]
-            new_ids = self._emit(rows, g, logits, pinned, gen, token_gen, finished,
+            text_pos, pinned, values = self._block(rows, g)
+            pos = (rows.offset[:, None] + text_pos)[..., None].expand(b, self.bs, 2)
+            eps = torch.randn(b, self.bs, d, device=dev, generator=noise_gen)
+
+            def velocity(z, t, pos=pos):
+                return self.model.prior_out(prior.velocity(self.model.prior_in(z), t, mod, pos), d)
+
+            z = integrate(velocity, eps, gen.sampler, pinned=pinned, pinned_value=values)
+            prior.commit(self.model.prior_in(z), mod, pos)
+            logits = decoder.decode(z, text_pos)  # [B, bs, V]
+            new_ids = self._emit(rows, logits, pinned, gen, token_gen, finished,
                                  gen.max_new_tokens)
-            yield BlockOutput(g, new_ids, self._texts(rows), list(finished), impl.nfe, z)
+            texts = [self.tok.decode(g_, skip_special_tokens=True) for g_ in rows.generated]
+            yield BlockOutput(g, new_ids, texts, list(finished), prior.nfe, z)
             if all(finished):
                 break
 
     def generate(self, prompts: list[str] | str, gen: GenerationConfig | None = None,
-                 use_cache: bool = True) -> list[str] | str:
+                 use_cache: bool = True, conditions: list[list[Segment]] | None = None
+                 ) -> list[str] | str:
         single = isinstance(prompts, str)
-        *_, last = self.stream([prompts] if single else prompts, gen, use_cache)
+        *_, last = self.stream([prompts] if single else prompts, gen, use_cache, conditions)
         return last.texts[0] if single else last.texts
 
 
-class _CachedPath:
-    """KV-cached DiT + decoder state. Rows [0, B) are conditional, [B, 2B) unconditional."""
-
-    def __init__(self, g: TextGenerator, rows: _Rows, gen: GenerationConfig):
-        self.g, self.rows, self.gen = g, rows, gen
-        self.branches = 1 if gen.guidance == 1.0 else 2
-        self.nfe = 0
-        b, bs, dev = rows.z_prompt.shape[0], g.bs, rows.z_prompt.device
-        lc = int(rows.n_full.max()) * bs  # prompt region, left-padded so all rows end together
-        ar = torch.arange(lc, device=dev)
-        pad = lc - rows.n_full * bs  # [B]
-        valid = ar[None] >= pad[:, None]  # [B, Lc]
-        self.c_pos = (ar[None] - pad[:, None]).clamp_min(0)  # [B, Lc]
-        src = self.c_pos.clamp_max(rows.z_prompt.shape[1] - 1)
-        cz = rows.z_prompt.gather(1, src[..., None].expand(b, lc, rows.z_prompt.shape[-1]))
-        cz = cz * valid[..., None]
-        self.cache = g.prior.new_cache()
-        self.pending: tuple[torch.Tensor, torch.Tensor] | None = None  # block awaiting commit
-        # key validity per branch: the unconditional branch never sees the prompt blocks (C)
-        self.key_valid = torch.cat([valid, torch.zeros_like(valid)][: self.branches])
-        if lc:
-            sample = torch.where(valid, 0, -1)
-            meta = TokenMeta(sample, self.c_pos // bs, torch.zeros_like(valid))
-            mask = ensure_nonempty_rows(block_causal_mask(meta, meta))
-            rep = self.branches
-            g.prior(cz.repeat(rep, 1, 1), torch.zeros(rep * b, lc, device=dev),
-                    self._modality(rep * b, lc), self.c_pos.repeat(rep, 1), mask.repeat(rep, 1, 1),
-                    cache=self.cache, commit=True)
-            self.nfe += 1
-        # decoder cache over the prompt's whole blocks
-        self.dec_sample = torch.where(valid, 0, -1)
-        self.dec_pos = self.c_pos
-        self.dec_past = None
-        if lc:
-            _, self.dec_past = g.vae.decode(g.vae.denormalize(cz), self.dec_sample, self.c_pos)
-
-    def _modality(self, b: int, n: int) -> torch.Tensor:
-        return torch.full((b, n), MODALITY_TEXT, dtype=torch.long, device=self.key_valid.device)
-
-    def _mask(self, pending: bool) -> torch.Tensor:
-        """Keys of the cache (valid per row) + [the pending clean block] + the noisy block.
-        The pending block's own rows see the cache and themselves; the noisy rows see all."""
-        rb, bs, dev = self.key_valid.shape[0], self.g.bs, self.key_valid.device
-        n_new = 2 * bs if pending else bs
-        cache = self.key_valid[:, None, :].expand(rb, n_new, -1)
-        new = torch.ones(rb, n_new, n_new, dtype=torch.bool, device=dev)
-        if pending:
-            new[:, :bs, bs:] = False  # the clean block never sees the noisy one
-        return torch.cat([cache, new], 2)
-
-    def velocity(self, z, t, pos):
-        """One fused call: both CFG branches as rows; the previous block's commit pass (its
-        clean K/V appended to the cache) rides along with the first step of this block."""
-        rep, b, bs = self.branches, z.shape[0], self.g.bs
-        pending = self.pending is not None
-        if pending:
-            zp, pp = self.pending
-            z_in = torch.cat([zp, z], 1)
-            t_in = torch.cat([torch.zeros_like(t), t], 1)
-            pos_in = torch.cat([pp, pos], 1)
-        else:
-            z_in, t_in, pos_in = z, t, pos
-        n = z_in.shape[1]
-        v = self.g.prior(z_in.repeat(rep, 1, 1), t_in.repeat(rep, 1), self._modality(rep * b, n),
-                         pos_in.repeat(rep, 1), self._mask(pending), cache=self.cache,
-                         commit=bs if pending else False)[:, n - z.shape[1]:]
-        self.nfe += 1
-        if pending:
-            self.pending = None
-            self.key_valid = torch.cat(
-                [self.key_valid, torch.ones(rep * b, bs, dtype=torch.bool, device=z.device)], 1)
-        if rep == 1:
-            return v
-        v_cond, v_uncond = v.chunk(2)
-        return cfg_combine(v_cond, v_uncond, self.gen.guidance)
-
-    def commit(self, z, pos):
-        """Decode block z against the decoder cache (logits [B, bs, V]); its DiT commit pass
-        is deferred into the next block's first step (never run after the last block)."""
-        b, bs = z.shape[0], self.g.bs
-        self.pending = (z, pos)
-        sample = torch.zeros(b, bs, dtype=torch.long, device=z.device)
-        logits, self.dec_past = self.g.vae.decode(
-            self.g.vae.denormalize(z), sample, pos, self.dec_past, self.dec_sample, self.dec_pos)
-        self.dec_sample = torch.cat([self.dec_sample, sample], 1)
-        self.dec_pos = torch.cat([self.dec_pos, pos], 1)
-        return logits
+# --------------------------------------------------------------------------------------------
+# image generation (text-to-image)
 
 
-class _ReferencePath:
-    """No caches: every call recomputes the full sequence (the slow ground truth)."""
+class ImageGenerator:
+    """Generates images with a unified ColaModel: each row's conditions (e.g. a caption) then
+    the image as one bidirectional block of latent tokens, decoded by the image VAE."""
 
-    def __init__(self, g: TextGenerator, rows: _Rows, gen: GenerationConfig):
-        self.g, self.gen = g, gen
-        self.branches = 1 if gen.guidance == 1.0 else 2
-        self.nfe = 0
-        b, bs = rows.z_prompt.shape[0], g.bs
-        # history per row as python lists of (latent [d], position); prompt whole blocks first
-        self.hist_z = [rows.z_prompt[i, : int(rows.n_full[i]) * bs] for i in range(b)]
-        self.hist_pos = [torch.arange(int(rows.n_full[i]) * bs, device=rows.z_prompt.device)
-                         for i in range(b)]
-        self.n_cond = [int(rows.n_full[i]) * bs for i in range(b)]
+    def __init__(self, model: ColaModel):
+        if model.prior is None or model.image_vae is None:
+            raise ValueError("this model has no image side (an image VAE and a prior with an "
+                             "image modality): it cannot generate images")
+        self.model = model
 
-    def _layout(self, z_blk, t_blk, pos_blk, drop: bool) -> Layout:
-        """One row-batch Layout: [clean history | noisy block], right-padded per row."""
-        b, bs, d = z_blk.shape
-        dev = z_blk.device
-        lh = max(h.shape[0] for h in self.hist_z)
-        n = lh + bs
-        z = torch.zeros(b, n, d, device=dev)
-        t = torch.zeros(b, n, device=dev)
-        pos = torch.zeros(b, n, dtype=torch.long, device=dev)
-        sample = torch.full((b, n), -1, dtype=torch.long, device=dev)
-        noisy = torch.zeros(b, n, dtype=torch.bool, device=dev)
-        seg = torch.full((b, n), SEG_PAD, dtype=torch.long, device=dev)
-        for i in range(b):
-            h = self.hist_z[i].shape[0]
-            z[i, :h], pos[i, :h], sample[i, :h] = self.hist_z[i], self.hist_pos[i], 0
-            seg[i, :h] = SEG_N
-            seg[i, : self.n_cond[i]] = SEG_C
-            z[i, lh:], t[i, lh:], pos[i, lh:] = z_blk[i], t_blk[i], pos_blk[i]
-            sample[i, lh:], noisy[i, lh:], seg[i, lh:] = 0, True, SEG_N
-        meta = TokenMeta(sample, pos // self.g.bs, noisy)
-        dropped = torch.full((b, n), drop, dtype=torch.bool, device=dev)
-        return Layout(z, t, torch.zeros_like(pos), pos, meta, seg, seg == SEG_C, dropped, noisy)
+    @torch.no_grad()
+    def generate(self, conditions: list[list[Segment]], gen: ImageGenerationConfig | None = None,
+                 use_cache: bool = True, trajectory: int = 0,
+                 on_step: Callable[[int, int], None] | None = None) -> ImageOutput:
+        """`trajectory` > 0 records that many evenly spaced data estimates z0_hat = z_t - t v
+        along the way (decoded to images, for the demo's denoising strip); `on_step(i, steps)`
+        is called after every ODE step."""
+        gen = gen or ImageGenerationConfig()
+        m = self.model
+        dev = next(m.prior.parameters()).device
+        grid = m.image_grid().to(dev)
+        b, n, d = len(conditions), grid.shape[0], m.image_token_dim
+        prefix = Prefix.from_rows(conditions, m.block_size, m.prior.latent_width, dev)
+        prior = _prior_session(m.prior, prefix, gen.guidance, use_cache)
+        pos = torch.stack([image_positions(grid, next_position(c)) for c in conditions])
+        mod = torch.full((b, n), MODALITY_IMAGE, dtype=torch.long, device=dev)
+        noise_gen = torch.Generator(device=dev).manual_seed(gen.seed)
+        eps = torch.randn(b, n, d, device=dev, generator=noise_gen)
+        steps = gen.sampler.steps
+        keep = set() if trajectory <= 0 else {
+            round(i * (steps - 1) / max(1, trajectory - 1)) for i in range(min(trajectory, steps))}
+        estimates: list[tuple[float, torch.Tensor]] = []
 
-    def velocity(self, z, t, pos):
-        outs = []
-        for drop in (False, True)[: self.branches]:
-            lay = self._layout(z, t, pos, drop)
-            v = self.g.prior(lay.z, lay.t, lay.modality, lay.positions, lay.attention_mask())
-            outs.append(v[:, -z.shape[1]:])
-            self.nfe += 1
-        return outs[0] if len(outs) == 1 else cfg_combine(outs[0], outs[1], self.gen.guidance)
+        def velocity(z, t):
+            return m.prior_out(prior.velocity(m.prior_in(z), t, mod, pos), d)
 
-    def commit(self, z, pos):
-        b, bs = z.shape[:2]
-        for i in range(b):
-            self.hist_z[i] = torch.cat([self.hist_z[i], z[i]])
-            self.hist_pos[i] = torch.cat([self.hist_pos[i], pos[i]])
-        # decode everything from scratch (right-padded rows) and keep the last block
-        lh = max(h.shape[0] for h in self.hist_z)
-        d = z.shape[-1]
-        zz = torch.zeros(b, lh, d, device=z.device)
-        pp = torch.zeros(b, lh, dtype=torch.long, device=z.device)
-        ss = torch.full((b, lh), -1, dtype=torch.long, device=z.device)
-        for i in range(b):
-            h = self.hist_z[i].shape[0]
-            zz[i, :h], pp[i, :h], ss[i, :h] = self.hist_z[i], self.hist_pos[i], 0
-        logits, _ = self.g.vae.decode(self.g.vae.denormalize(zz), ss, pp)
-        ends = torch.tensor([h.shape[0] for h in self.hist_z], device=z.device)
-        idx = ends[:, None] - bs + torch.arange(bs, device=z.device)
-        return logits.gather(1, idx[..., None].expand(b, bs, logits.shape[-1]))
+        def record(i, z, v, t):
+            if i in keep:
+                estimates.append((float(t.flatten()[0]), z - t[..., None] * v))
+            if on_step is not None:
+                on_step(i + 1, steps)
+
+        z = integrate(velocity, eps, gen.sampler, callback=record)
+        images = m.decode_image_tokens(z)
+        traj = [m.decode_image_tokens(e) for _, e in estimates]
+        return ImageOutput(z, images, traj, [t for t, _ in estimates], prior.nfe)

@@ -149,6 +149,10 @@ class Segment:
     block_size-th text position) or ONE_BLOCK (one bidirectional block, e.g. an image);
     `join_previous` puts the segment into the previous segment's last block (P + I form one
     bidirectional condition in image-to-text). `droppable` marks the condition CFG drops.
+    `prompt` (text targets only): the first `prompt` tokens are given, not generated. Their
+    whole blocks become a clean condition segment C, and the rest of them stay pinned at t = 0
+    inside the first target block ("clean repaint"), exactly where generation puts a prompt
+    that does not end on a block boundary; `prompt_droppable` lets CFG drop those C blocks.
     """
 
     kind: int
@@ -159,6 +163,8 @@ class Segment:
     blocks: str = TEXT_BLOCKS
     join_previous: bool = False
     droppable: bool = False
+    prompt: int = 0
+    prompt_droppable: bool = False
 
 
 @dataclass(frozen=True)
@@ -173,6 +179,25 @@ def text_positions(start: int, n: int) -> torch.Tensor:
     """[n, 2] positions of n text tokens from `start` (both RoPE axes carry the index)."""
     p = torch.arange(start, start + n)
     return torch.stack([p, p], dim=-1)
+
+
+def split_prompt(segments: list[Segment], block_size: int) -> list[tuple[Segment, int]]:
+    """Expand every text target with a `prompt` into (C: its whole prompt blocks, clean) and
+    (N: the rest, target); returns (segment, pinned leading tokens) pairs."""
+    out = []
+    for seg in segments:
+        if not (seg.target and seg.prompt):
+            out.append((seg, 0))
+            continue
+        whole = (seg.prompt // block_size) * block_size
+        if whole:
+            out.append((Segment(SEG_C, seg.z0[:whole], seg.modality, seg.positions[:whole],
+                                False, seg.blocks, seg.join_previous,
+                                droppable=seg.prompt_droppable), 0))
+            seg = Segment(seg.kind, seg.z0[whole:], seg.modality, seg.positions[whole:], True,
+                          seg.blocks, prompt=seg.prompt)
+        out.append((seg, seg.prompt - whole))
+    return out
 
 
 def segment_blocks(segments: list[Segment], block_size: int) -> list[torch.Tensor]:
@@ -194,39 +219,89 @@ def segment_blocks(segments: list[Segment], block_size: int) -> list[torch.Tenso
     return out
 
 
+@dataclass(frozen=True)
+class SegmentSpec:
+    """A segment before encoding, as a task writes it: which of the sample's text pieces or
+    images it holds (`source`), and its role. `place` turns specs plus latents into Segments,
+    assigning positions in order: text continues after what precedes it, an image takes 2-D
+    (row, col) positions offset past the text before it (DESIGN §3)."""
+
+    kind: int
+    modality: int
+    source: int
+    target: bool = False
+    blocks: str = TEXT_BLOCKS
+    join_previous: bool = False
+    droppable: bool = False
+    prompt: int = 0
+    prompt_droppable: bool = False
+
+
+def place(specs: list[SegmentSpec], texts: list[torch.Tensor], images: list[torch.Tensor],
+          grid: torch.Tensor) -> list[Segment]:
+    """Resolve specs to Segments: texts[i] [n, d] and images[i] [n_img, d'] are the latents of
+    the sample's pieces; grid [n_img, 2] the (row, col) of image tokens."""
+    out, pos = [], 0
+    for s in specs:
+        if s.modality == MODALITY_IMAGE:
+            z, p = images[s.source], image_positions(grid.to(images[s.source].device), pos)
+            pos = text_after_image(grid, pos)
+        else:
+            z = texts[s.source]
+            p = text_positions(pos, z.shape[0]).to(z.device)
+            pos += z.shape[0]
+        out.append(Segment(s.kind, z, s.modality, p, s.target, s.blocks, s.join_previous,
+                           s.droppable, s.prompt, s.prompt_droppable))
+    return out
+
+
 def build_layout(samples: list[list[Segment]], block_size: int,
-                 times: dict[int, TimeConfig], cond_drop_prob: float = 0.0,
+                 times: dict[int, TimeConfig], cond_drop_prob: float | list[float] = 0.0,
                  generator: torch.Generator | None = None) -> Layout:
     """2L training layout of heterogeneous samples, one sample per row (right-padded):
-    [clean copy of every segment | noisy copy of the target segments].
+    [clean copy of the history | noisy copy of the target segments].
 
     One t per (sample, block), drawn from its modality's logit-normal; CFG drops a sample's
-    droppable condition with probability `cond_drop_prob`.
+    droppable condition with probability `cond_drop_prob` (one value, or one per sample).
+    The clean copy is detached (stop-gradient on the history) and holds only what some noisy
+    block can see (blocks before the sample's last target block): the clean copy of the last
+    target block would be computed for nothing. Gradients reach the latents through the noisy
+    copy and the velocity target, as in the text-only layout.
     """
     rows = []
     d = max(seg.z0.shape[-1] for segs in samples for seg in segs)
-    for segs in samples:
-        blocks = segment_blocks(segs, block_size)
-        drop = bool(torch.rand((), generator=generator) < cond_drop_prob)
+    dev = samples[0][0].z0.device
+    drop_probs = (cond_drop_prob if isinstance(cond_drop_prob, list)
+                  else [cond_drop_prob] * len(samples))
+    for segs, drop_prob in zip(samples, drop_probs):
+        pairs = split_prompt(segs, block_size)
+        segs = [s for s, _ in pairs]
+        blocks = [b.to(dev) for b in segment_blocks(segs, block_size)]
+        drop = bool(torch.rand((), device=dev, generator=generator) < drop_prob)
+        last_target = max(int(b.max()) for s, b in zip(segs, blocks) if s.target and len(b))
         clean, noisy = [], []
-        for seg, blk in zip(segs, blocks):
+        for (seg, pinned), blk in zip(pairs, blocks):
             n = seg.z0.shape[0]
             z0 = torch.nn.functional.pad(seg.z0, (0, d - seg.z0.shape[-1]))
-            base = dict(modality=torch.full((n,), seg.modality), positions=seg.positions,
-                        block=blk, segment=torch.full((n,), seg.kind),
-                        droppable=torch.full((n,), seg.droppable))
-            clean.append(dict(base, z=z0, t=torch.zeros(n), noisy=torch.zeros(n, dtype=torch.bool),
-                              loss=torch.zeros(n, dtype=torch.bool), target=torch.zeros_like(z0)))
+            full = lambda v, dtype=None, n=n: torch.full((n,), v, dtype=dtype, device=dev)
+            base = dict(modality=full(seg.modality), positions=seg.positions.to(dev), block=blk,
+                        segment=full(seg.kind), droppable=full(seg.droppable))
+            seen = blk < last_target  # a clean token is history only for later noisy blocks
+            if seen.any():
+                clean.append({k: v[seen] for k, v in dict(
+                    base, z=z0.detach(), t=full(0.0), noisy=full(False), loss=full(False),
+                    target=torch.zeros_like(z0)).items()})
             if seg.target:
                 tc = times[seg.modality]
                 uniq, inv = blk.unique(return_inverse=True)
-                t = sample_logit_normal((len(uniq),), tc.loc, tc.scale, generator=generator)[inv]
-                eps = torch.randn(z0.shape, generator=generator)
-                noisy.append(dict(base, z=interpolate(z0, eps, t), t=t,
-                                  noisy=torch.ones(n, dtype=torch.bool),
-                                  loss=torch.ones(n, dtype=torch.bool),
-                                  target=velocity_target(z0, eps),
-                                  droppable=torch.zeros(n, dtype=torch.bool)))
+                t = sample_logit_normal((len(uniq),), tc.loc, tc.scale, device=dev,
+                                        generator=generator)[inv]
+                free = torch.arange(n, device=dev) >= pinned  # pinned prompt: clean, no loss
+                t = t * free
+                eps = torch.randn(z0.shape, device=dev, generator=generator, dtype=z0.dtype)
+                noisy.append(dict(base, z=interpolate(z0, eps, t.to(z0.dtype)), t=t,
+                                  noisy=full(True), loss=free,
+                                  target=velocity_target(z0, eps), droppable=full(False)))
         parts = clean + noisy
         rows.append({k: torch.cat([p[k] for p in parts]) for k in parts[0]} | {"drop": drop})
     length = max(r["z"].shape[0] for r in rows)
@@ -235,49 +310,31 @@ def build_layout(samples: list[list[Segment]], block_size: int,
         out = []
         for r in rows:
             x = r[key]
-            pad = torch.full((length - x.shape[0], *x.shape[1:]), fill, dtype=x.dtype)
+            pad = torch.full((length - x.shape[0], *x.shape[1:]), fill, dtype=x.dtype, device=dev)
             out.append(torch.cat([x, pad]))
         return torch.stack(out)
 
-    n_valid = torch.tensor([r["z"].shape[0] for r in rows])
-    valid = torch.arange(length)[None] < n_valid[:, None]
+    n_valid = torch.tensor([r["z"].shape[0] for r in rows], device=dev)
+    valid = torch.arange(length, device=dev)[None] < n_valid[:, None]
     sample = torch.where(valid, 0, -1)
+    dropped = torch.tensor([r["drop"] for r in rows], device=dev)
     return Layout(
         z=stack("z", 0.0), t=stack("t", 0.0), modality=stack("modality", 0),
         positions=stack("positions", 0), meta=TokenMeta(sample, stack("block", 0),
                                                         stack("noisy", False)),
         segment=stack("segment", SEG_PAD), droppable=stack("droppable", False),
-        cond_dropped=torch.tensor([r["drop"] for r in rows])[:, None].expand(-1, length) & valid,
+        cond_dropped=dropped[:, None].expand(-1, length) & valid,
         loss_mask=stack("loss", False), target=stack("target", 0.0))
 
 
-# ------------------------------------------------------------------ the three task layouts
+# ------------------------------------------------------------------ positions
 
 
-def text_to_text_segments(c: torch.Tensor, n: torch.Tensor) -> list[Segment]:
-    """[C][N]: clean text condition, then the noisy text target (CFG drops C)."""
-    return [Segment(SEG_C, c, MODALITY_TEXT, text_positions(0, len(c)), False, droppable=True),
-            Segment(SEG_N, n, MODALITY_TEXT, text_positions(len(c), len(n)), True)]
+def image_positions(grid: torch.Tensor, offset: int) -> torch.Tensor:
+    """Prior positions of image tokens [n, 2] (row, col) that follow `offset` text positions."""
+    return grid + offset
 
 
-def text_to_image_segments(c: torch.Tensor, image: torch.Tensor, grid: torch.Tensor
-                           ) -> list[Segment]:
-    """[C][I]: caption condition, then the image as one noisy bidirectional block (CFG drops
-    the caption). grid [n, 2] (row, col) of the image tokens."""
-    return [Segment(SEG_C, c, MODALITY_TEXT, text_positions(0, len(c)), False, droppable=True),
-            Segment(SEG_I, image, MODALITY_IMAGE, grid + len(c), True, blocks=ONE_BLOCK)]
-
-
-def image_to_text_segments(p: torch.Tensor, image: torch.Tensor, grid: torch.Tensor,
-                           c: torch.Tensor, n: torch.Tensor) -> list[Segment]:
-    """[P][I][C][N]: instruction and image form one bidirectional condition block (dropped
-    together for CFG), then the clean caption prefix and the noisy caption target."""
-    after = len(p) + int(grid.max()) + 1 if len(grid) else len(p)
-    return [
-        Segment(SEG_P, p, MODALITY_TEXT, text_positions(0, len(p)), False, blocks=ONE_BLOCK,
-                droppable=True),
-        Segment(SEG_I, image, MODALITY_IMAGE, grid + len(p), False, blocks=ONE_BLOCK,
-                join_previous=True, droppable=True),
-        Segment(SEG_C, c, MODALITY_TEXT, text_positions(after, len(c)), False),
-        Segment(SEG_N, n, MODALITY_TEXT, text_positions(after + len(c), len(n)), True),
-    ]
+def text_after_image(grid: torch.Tensor, offset: int) -> int:
+    """First text position after an image placed at `offset` (past its largest row/col)."""
+    return offset + int(grid.max()) + 1 if len(grid) else offset

@@ -1,31 +1,56 @@
-"""The Cola model: Text VAE + block-causal DiT prior, their losses, and the saved folder.
+"""The Cola model: modality VAEs + one block-causal DiT prior, their losses, the saved folder.
 
-Stage 1 trains the VAE alone:  recon + beta * KL + lambda_mask * mask.
-Stage 2 trains both jointly (DESIGN §3, the paper's best-scaling setting):
+Stage 1 trains the VAEs alone: the Text VAE (recon + beta * KL + lambda_mask * mask) on prose
+and on the texts of image-text samples, and, when the model has one to train, the image VAE
+(reconstruction + KL, vaes/image_vae.py).
+Stage 2 trains the Text VAE and the prior jointly (DESIGN §3, the paper's best-scaling setting):
     L = lambda_vae * (recon + beta * KL + lambda_mask * mask) + lambda_fm * L_FM
         + lambda_ref * KL(q_phi(z0|x) || q_phi_ref(z0|x))
-with the reference encoder a frozen copy of the stage-1 VAE.
+with the reference encoder a frozen copy of the stage-1 Text VAE. L_FM is the flow loss of
+every task in the batch (text-to-text on packed prose rows; image-to-text and text-to-image on
+layouts their tasks describe), averaged with `loss.task_weights`. The image VAE is frozen.
 
-A saved model is a folder: model_index.json, text_vae/ and prior/ (config.json +
-safetensors each), tokenizer/ (a transformers fast tokenizer).
+A saved model is a folder in the diffusers pipeline layout: model_index.json (which part is
+which class, plus the inference layout: block size, image patch size), text_vae/, prior/,
+image_vae/ (config.json + safetensors each) and tokenizer/ (a transformers fast tokenizer).
+`UnifiedPipeline` (unified/pipeline.py) loads the same folder.
 """
 
 from __future__ import annotations
 
 import copy
+import importlib
 import json
 from pathlib import Path
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from prior.dit import DiT
 from unified.config import ColaConfig, LossConfig
-from unified.layout import TextLayoutConfig, text_to_text_layout
+from unified.layout import (
+    MODALITY_IMAGE,
+    MODALITY_TEXT,
+    TextLayoutConfig,
+    TimeConfig,
+    build_layout,
+    place,
+    text_to_text_layout,
+)
+from vaes import image_vae as iv
 from vaes.text_vae import TextVAE
 from vaes.tokenizer import load_tokenizer
 
 MODEL_INDEX = "model_index.json"
+PIPELINE_CLASS = "UnifiedPipeline"
+# model_index.json entries: part name -> (library, class). Only these classes are ever loaded.
+PARTS = {
+    "text_vae": ("vaes.text_vae", "TextVAE"),
+    "prior": ("prior.dit", "DiT"),
+    "image_vae": ("diffusers", "AutoencoderKL"),
+    "tokenizer": ("transformers", "PreTrainedTokenizerFast"),
+}
 
 
 def gaussian_kl(mean, logvar, ref_mean, ref_logvar) -> torch.Tensor:
@@ -43,101 +68,255 @@ def build_vae(cfg: ColaConfig, tokenizer) -> TextVAE:
                    max_len=cfg.data.seq_len)
 
 
-def build_prior(cfg: ColaConfig, latent_dim: int) -> DiT:
+def build_image_vae(cfg: ColaConfig):
+    """The image VAE of a preset: a local diffusers folder, or the small one from scratch."""
+    im = cfg.image
+    if im.pretrained:
+        return iv.load_image_vae(im.pretrained)
+    return iv.small_image_vae(latent_channels=im.latent_channels, widths=tuple(im.widths),
+                              sample_size=im.size)
+
+
+def build_prior(cfg: ColaConfig, latent_dim: int, image_token_dim: int | None = None) -> DiT:
     p = cfg.prior
-    return DiT(modalities={"text": latent_dim}, width=p.width, depth=p.depth, heads=p.heads,
-               mlp_ratio=p.mlp_ratio, attn_backend=p.attn_backend)
+    modalities = {"text": latent_dim}
+    if image_token_dim is not None:
+        modalities["image"] = image_token_dim
+    return DiT(modalities=modalities, width=p.width, depth=p.depth, heads=p.heads,
+               mlp_ratio=p.mlp_ratio, attn_backend=p.attn_backend,
+               rope_axes=2 if image_token_dim is not None else 1)
 
 
 class ColaModel(nn.Module):
-    """Text VAE + prior (+ frozen reference encoder during stage 2)."""
+    """Text VAE + prior (+ image VAE) (+ frozen reference encoder during stage 2)."""
 
     def __init__(self, vae: TextVAE, prior: DiT | None, tokenizer,
-                 layout: TextLayoutConfig | None = None):
+                 layout: TextLayoutConfig | None = None, image_vae=None,
+                 image_patch_size: int = 2, image_time: TimeConfig | None = None,
+                 image_size: int = 32):
         super().__init__()
         self.vae, self.prior, self.tokenizer = vae, prior, tokenizer
+        self.image_vae = image_vae
         self.layout_cfg = layout or TextLayoutConfig()
+        self.image_patch_size, self.image_size = image_patch_size, image_size
+        self.image_time = image_time or TimeConfig()
         self.ref_vae: TextVAE | None = None
 
     @property
     def block_size(self) -> int:
         return self.layout_cfg.block_size
 
+    @property
+    def times(self) -> dict[int, TimeConfig]:
+        lc = self.layout_cfg
+        return {MODALITY_TEXT: TimeConfig(lc.time_loc, lc.time_scale), MODALITY_IMAGE: self.image_time}
+
+    @property
+    def image_vae_trainable(self) -> bool:
+        return self.image_vae is not None and next(self.image_vae.parameters()).requires_grad
+
+    def with_prior(self, prior: DiT) -> ColaModel:
+        """The same model with another prior (e.g. its EMA), sharing every other part."""
+        return ColaModel(self.vae, prior, self.tokenizer, self.layout_cfg, self.image_vae,
+                         self.image_patch_size, self.image_time, self.image_size)
+
     def freeze_reference(self) -> None:
-        """Snapshot the current VAE as the frozen reference encoder q_phi_ref."""
+        """Snapshot the current Text VAE as the frozen reference encoder q_phi_ref."""
         self.ref_vae = copy.deepcopy(self.vae).requires_grad_(False).eval()
+
+    # ----------------------------------------------------------------- latents in and out
+    def encode_texts(self, ids: list[list[int]]) -> torch.Tensor:
+        """Normalized posterior means [B, Smax, d] of token id lists (right-padded, each its own
+        sample starting at position 0)."""
+        dev = self.vae.device
+        b, smax = len(ids), max(map(len, ids))
+        input_ids = torch.full((b, smax), self.tokenizer.pad_token_id, dtype=torch.long, device=dev)
+        sample = torch.full((b, smax), -1, dtype=torch.long, device=dev)
+        for i, row in enumerate(ids):
+            input_ids[i, : len(row)] = torch.tensor(row, device=dev)
+            sample[i, : len(row)] = 0
+        positions = torch.arange(smax, device=dev).expand(b, smax)
+        mean, _ = self.vae.encode(input_ids, sample, positions)
+        return self.vae.normalize(mean)
+
+    def prior_in(self, z: torch.Tensor) -> torch.Tensor:
+        """Zero-pad latents [..., d] to the prior's widest modality."""
+        return F.pad(z, (0, self.prior.latent_width - z.shape[-1]))
+
+    @staticmethod
+    def prior_out(v: torch.Tensor, d: int) -> torch.Tensor:
+        return v[..., :d]
+
+    @property
+    def image_latent_size(self) -> int:
+        return self.image_size // 2 ** (len(self.image_vae.config.block_out_channels) - 1)
+
+    @property
+    def image_token_dim(self) -> int:
+        return self.image_vae.config.latent_channels * self.image_patch_size ** 2
+
+    def image_grid(self) -> torch.Tensor:
+        """(row, col) of the image tokens in patchify order [n, 2]."""
+        side = self.image_latent_size // self.image_patch_size
+        return iv.grid_positions(side, side)
+
+    def encode_images(self, images: torch.Tensor, sample: bool = False,
+                      generator: torch.Generator | None = None) -> torch.Tensor:
+        """Images [B, 3, H, W] in [-1, 1] -> prior-space tokens [B, n, C p p]."""
+        z = iv.encode(self.image_vae, images.to(self.image_vae.dtype), sample, generator)
+        return iv.patchify(z.float(), self.image_patch_size)
+
+    def decode_image_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Prior-space tokens [B, n, C p p] -> images [B, 3, H, W] in [-1, 1]."""
+        s = self.image_latent_size
+        z = iv.unpatchify(tokens, self.image_patch_size, s, s)
+        return iv.decode(self.image_vae, z.to(self.image_vae.dtype)).float()
 
     # ----------------------------------------------------------------- losses
     def forward(self, batch: dict, stage: int, w: LossConfig, generator=None):
-        """(loss, logged terms) of a training stage; the entry point DDP wraps."""
+        """(loss, logged terms) of a training stage; the entry point DDP wraps. `batch` holds
+        "text" (packed prose rows) and/or "pairs" (collated task samples, unified/data.py)."""
         return (self.stage1_loss if stage == 1 else self.stage2_loss)(batch, w, generator)
 
-    def stage1_loss(self, batch: dict, w: LossConfig, generator=None) -> tuple[torch.Tensor, dict]:
-        terms = self.vae.stage1_terms(batch, mask_prob=w.mask_prob,
-                                      decoder_noise=w.decoder_noise,
+    @staticmethod
+    def _text_rows(batch: dict) -> dict | None:
+        """Prose rows and the pairs' packed text pieces, concatenated (one VAE pass)."""
+        parts = [p for p in (batch.get("text"), (batch.get("pairs") or {}).get("pieces")) if p]
+        if not parts:
+            return None
+        return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+
+    def _vae_terms(self, rows: dict | None, w: LossConfig, generator) -> tuple[torch.Tensor, dict]:
+        if rows is None:
+            return torch.zeros((), device=self.vae.device), {}
+        terms = self.vae.stage1_terms(rows, mask_prob=w.mask_prob, decoder_noise=w.decoder_noise,
                                       sample=w.sample_posterior, generator=generator)
         loss = terms["recon"] + w.beta * terms["kl"] + w.lambda_mask * terms["mask"]
         return loss, {k: terms[k] for k in ("recon", "kl", "mask", "acc")}
 
+    def stage1_loss(self, batch: dict, w: LossConfig, generator=None) -> tuple[torch.Tensor, dict]:
+        loss, logs = self._vae_terms(self._text_rows(batch), w, generator)
+        pairs = batch.get("pairs")
+        if pairs and self.image_vae is not None and self.image_vae_trainable:
+            img_loss, img_logs = iv.vae_loss(self.image_vae, pairs["images"],
+                                             kl_weight=w.image_kl_weight, generator=generator)
+            loss = loss + img_loss
+            logs.update({f"image_{k}": v for k, v in img_logs.items()})
+        return loss, logs
+
     def stage2_loss(self, batch: dict, w: LossConfig, generator=None) -> tuple[torch.Tensor, dict]:
         if self.prior is None or self.ref_vae is None:
             raise RuntimeError("stage 2 needs a prior and a frozen reference encoder")
-        vae_loss, logs = self.stage1_loss(batch, w, generator)
-        ids, sample_ids, positions = batch["input_ids"], batch["sample_ids"], batch["positions"]
+        rows = self._text_rows(batch)
+        vae_loss, logs = self._vae_terms(rows, w, generator)
+        ids, sample_ids, positions = rows["input_ids"], rows["sample_ids"], rows["positions"]
         # latents of the uncorrupted text: what the prior models and generation encodes
-        mean, logvar = self.vae.encode(ids, sample_ids, positions)  # [B, L, d] each
+        mean, logvar = self.vae.encode(ids, sample_ids, positions)  # [R, L, d] each
         lat_s, lat_p = self.vae.latent_meta(sample_ids, positions)
         lat_valid = lat_s >= 0
         with torch.no_grad():
             ref_mean, ref_logvar = self.ref_vae.encode(ids, sample_ids, positions)
         ref_kl = gaussian_kl(mean.float(), logvar.float(), ref_mean.float(), ref_logvar.float())
         ref_kl = (ref_kl * lat_valid).sum() / lat_valid.sum().clamp_min(1)
-
         z = self.vae.posterior_sample(mean, logvar, generator) if w.sample_posterior else mean
         z0 = self.vae.normalize(z)
-        lay = text_to_text_layout(z0, lat_s, lat_p, self.layout_cfg, generator)
-        v = self.prior(lay.z, lay.t, lay.modality, lay.positions, lay.attention_mask())
-        err = (v.float() - lay.target.float()).pow(2).mean(-1)  # [B, 2L]
-        fm = (err * lay.loss_mask).sum() / lay.loss_mask.sum().clamp_min(1)
+
+        task_losses: dict[str, torch.Tensor] = {}
+        n_prose = batch["text"]["input_ids"].shape[0] if batch.get("text") else 0
+        if n_prose:
+            lay = text_to_text_layout(z0[:n_prose], lat_s[:n_prose], lat_p[:n_prose],
+                                      self.layout_cfg, generator)
+            task_losses["text_to_text"] = self._flow_losses(lay, None)["all"]
+        if batch.get("pairs"):
+            task_losses.update(self._pair_flow_losses(batch["pairs"], z0[n_prose:], w, generator))
+        weights = {k: w.task_weights.get(k, 1.0) for k in task_losses}
+        fm = sum(weights[k] * v for k, v in task_losses.items()) / max(sum(weights.values()), 1e-8)
 
         loss = w.lambda_vae * vae_loss + w.lambda_fm * fm + w.lambda_ref * ref_kl
-        logs.update(fm=fm.detach(), ref_kl=ref_kl.detach())
+        logs.update(fm=fm.detach(), ref_kl=ref_kl.detach(),
+                    **{f"fm_{k}": v.detach() for k, v in task_losses.items()})
         return loss, logs
 
+    def _flow_losses(self, lay, groups: list[str] | None) -> dict[str, torch.Tensor]:
+        """Token-mean velocity MSE of a layout, overall ("all") and per group of rows."""
+        z, target = self.prior_in(lay.z), self.prior_in(lay.target)
+        v = self.prior(z, lay.t, lay.modality, lay.positions, lay.attention_mask())
+        err = (v.float() - target.float()).pow(2).mean(-1) * lay.loss_mask  # [B, N]
+        out = {"all": err.sum() / lay.loss_mask.sum().clamp_min(1)}
+        if groups is not None:
+            per_row, n_row = err.sum(1), lay.loss_mask.sum(1)
+            for name in dict.fromkeys(groups):
+                sel = torch.tensor([g == name for g in groups], device=err.device)
+                out[name] = per_row[sel].sum() / n_row[sel].sum().clamp_min(1)
+        return out
+
+    def _pair_flow_losses(self, pairs: dict, z_pieces: torch.Tensor, w: LossConfig,
+                          generator) -> dict[str, torch.Tensor]:
+        """Flow loss of every task sample: latents of its text pieces and images placed as its
+        recipe says (unified.layout.place), in one 2L layout."""
+        texts = [z_pieces[r, s:s + n] for r, s, n in pairs["piece_index"].tolist()]
+        images = []
+        if pairs["images"].shape[0]:
+            with torch.no_grad():  # the image VAE is frozen in stage 2
+                images = list(self.encode_images(pairs["images"], w.sample_posterior, generator))
+        grid = self.image_grid() if self.image_vae is not None else torch.zeros(0, 2)
+        samples = [place(recipe, texts, images, grid) for recipe in pairs["recipes"]]
+        lay = build_layout(samples, self.block_size, self.times, list(pairs["cond_drop"]),
+                           generator)
+        losses = self._flow_losses(lay, pairs["tasks"])
+        del losses["all"]
+        return losses
+
     # ----------------------------------------------------------------- save / load
+    def index(self) -> dict:
+        """model_index.json: (library, class) of each part, in the diffusers pipeline layout,
+        plus the inference layout."""
+        parts = {"text_vae": self.vae, "prior": self.prior, "image_vae": self.image_vae,
+                 "tokenizer": self.tokenizer}
+        from diffusers import __version__ as diffusers_version
+
+        return {"_class_name": PIPELINE_CLASS, "_diffusers_version": diffusers_version,
+                **{k: list(PARTS[k]) if v is not None else [None, None] for k, v in parts.items()},
+                "block_size": self.block_size, "image_patch_size": self.image_patch_size,
+                "image_size": self.image_size,
+                "image_time": [self.image_time.loc, self.image_time.scale]}
+
     def save_pretrained(self, folder: str | Path, weights: bool = True) -> None:
         """Write the model folder; `weights=False` writes configs, tokenizer and index only
         (the skeleton of a sharded checkpoint)."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        for name, part in (("text_vae", self.vae), ("prior", self.prior)):
+        for name, part in (("text_vae", self.vae), ("prior", self.prior),
+                           ("image_vae", self.image_vae)):
             if part is not None:
                 (part.save_pretrained if weights else part.save_config)(folder / name)
         self.tokenizer.save_pretrained(folder / "tokenizer")
         (folder / MODEL_INDEX).write_text(json.dumps(self.index(), indent=2))
 
-    def index(self) -> dict:
-        """model_index.json: which parts the folder holds and the inference layout."""
-        return {"_class_name": "ColaModel", "text_vae": "TextVAE",
-                "prior": "DiT" if self.prior is not None else None,
-                "tokenizer": "PreTrainedTokenizerFast",
-                "layout": {"block_size": self.layout_cfg.block_size}}
-
-    @staticmethod
-    def layout_from_index(index: dict) -> TextLayoutConfig:
-        return TextLayoutConfig(block_size=index.get("layout", {}).get("block_size", 16))
-
     @classmethod
-    def from_pretrained(cls, folder: str | Path, device: str | torch.device = "cpu") -> ColaModel:
+    def from_pretrained(cls, folder: str | Path, device: str | torch.device = "cpu",
+                        weights: bool = True) -> ColaModel:
+        """Load a model folder (`weights=False`: parts built from their configs only)."""
         folder = Path(folder)
         if not (folder / MODEL_INDEX).is_file():
             raise FileNotFoundError(
                 f"no Cola model at {folder}: expected {folder / MODEL_INDEX} (a folder written "
                 "by `cola train` or `cola export`)")
         index = json.loads((folder / MODEL_INDEX).read_text())
-        tok = load_tokenizer(folder / "tokenizer")
-        vae = TextVAE.from_pretrained(folder / "text_vae", low_cpu_mem_usage=False)
-        prior = DiT.from_pretrained(folder / "prior", low_cpu_mem_usage=False) if index.get("prior") else None
-        layout = cls.layout_from_index(index)
+        parts = {}
+        for name in ("text_vae", "prior", "image_vae"):
+            entry = index.get(name)
+            if not entry or (isinstance(entry, list) and entry[0] is None):
+                parts[name] = None
+                continue
+            klass = getattr(importlib.import_module(PARTS[name][0]), PARTS[name][1])
+            parts[name] = (klass.from_pretrained(folder / name, low_cpu_mem_usage=False) if weights
+                           else klass.from_config(klass.load_config(folder / name)))
+        block = index.get("block_size", index.get("layout", {}).get("block_size", 16))
+        model = cls(parts["text_vae"], parts["prior"], load_tokenizer(folder / "tokenizer"),
+                    TextLayoutConfig(block_size=block), parts["image_vae"],
+                    image_patch_size=index.get("image_patch_size", 2),
+                    image_time=TimeConfig(*index.get("image_time", [1.0, 1.0])),
+                    image_size=index.get("image_size", 32))
         # weights may be stored in bf16 to keep the bundled model small; compute in fp32
-        return cls(vae, prior, tok, layout).to(device=device, dtype=torch.float32).eval()
+        return model.to(device=device, dtype=torch.float32).eval()

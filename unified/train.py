@@ -4,6 +4,14 @@ and the prior jointly from a stage-1 VAE.
     trainer = Trainer(load_preset("text-default"), stage=1, out_dir="runs/s1")
     trainer.train()          # resumes from runs/s1/checkpoints if there is one
 
+A unified preset (`data.pairs` set) also needs the task mixture that turns image-text records
+into task samples; the trainer stays task-agnostic and takes it as an argument:
+
+    Trainer(load_preset("shapes-default"), stage=1, out_dir="runs/s1", tasks=TaskMixture(cfg))
+
+Every step then holds `data.batch_size` packed prose rows (text-to-text) and
+`data.pair_batch_size` task samples (image-to-text, text-to-image, ...), both global.
+
 Everything random in a step (masking, posterior noise, times, flow noise, condition dropout)
 comes from one generator whose state is checkpointed with the model, optimizer, scheduler, step
 and data position, so a resumed run continues the same loss sequence (tests/test_train.py).
@@ -34,8 +42,16 @@ from unified.checkpoint import (
     save_checkpoint,
 )
 from unified.config import ColaConfig, TrainConfig
-from unified.data import SkipCounter, expand_urls, text_batches
-from unified.model import ColaModel, build_prior, build_vae
+from unified.data import (
+    SkipCounter,
+    collate_task_samples,
+    expand_urls,
+    text_batches,
+    to_device,
+)
+from unified.layout import TimeConfig
+from unified.model import ColaModel, build_image_vae, build_prior, build_vae
+from vaes import image_vae as iv
 from vaes.text_vae import TextVAE
 from vaes.tokenizer import load_tokenizer, train_tokenizer
 
@@ -48,6 +64,14 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def data_units(batch: dict) -> int:
+    """How much data a micro-batch holds, its weight in the global batch's loss: valid prose
+    tokens (exact for text-only runs: a multi-rank step then equals one process) plus one per
+    task sample (a proxy: task losses are per-task means)."""
+    n = int((batch["text"]["sample_ids"] >= 0).sum()) if batch.get("text") else 0
+    return n + len((batch.get("pairs") or {}).get("tasks", []))
+
+
 def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float) -> float:
     """LR multiplier: linear warmup, then cosine decay to min_ratio at `total`."""
     if step < warmup:
@@ -58,24 +82,33 @@ def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float) -> float
 
 class Trainer:
     def __init__(self, cfg: ColaConfig, stage: int, out_dir: str | Path, *,
-                 init: str | Path | None = None, resume: bool | str | Path = "auto"):
+                 init: str | Path | None = None, resume: bool | str | Path = "auto",
+                 tasks=None):
         if stage not in (1, 2):
             raise ValueError(f"stage must be 1 or 2, got {stage}")
         if stage == 2 and init is None:
             raise ValueError("stage 2 starts from a stage-1 model: pass init=<folder>")
         self.cfg, self.stage, self.out = cfg, stage, Path(out_dir)
         self.tcfg: TrainConfig = cfg.stage1 if stage == 1 else cfg.stage2
+        if cfg.data.pairs and tasks is None:
+            raise ValueError("data.pairs is set: pass tasks= (e.g. tasks.TaskMixture(cfg)), "
+                             "which turns image-text records into task samples")
+        self.tasks = tasks if cfg.data.pairs else None
+        if self.tasks is not None and cfg.data.pair_batch_size < 1:
+            raise ValueError("data.pairs is set but data.pair_batch_size is 0")
         self.device = resolve_device(self.tcfg.device)
         self.dist = dist_utils.init_distributed(self.device.type)
         if self.device.type == "cuda" and self.dist.enabled:
             self.device = torch.device("cuda", self.dist.local_rank)
         per_step = self.dist.world * cfg.optim.grad_accum
-        if cfg.data.batch_size % per_step:
-            raise ValueError(f"data.batch_size {cfg.data.batch_size} (the global batch) must be a "
-                             f"multiple of world size x grad_accum = {per_step}")
+        for key in ("batch_size", "pair_batch_size"):
+            if getattr(cfg.data, key) % per_step:
+                raise ValueError(f"data.{key} {getattr(cfg.data, key)} (global) must be a "
+                                 f"multiple of world size x grad_accum = {per_step}")
         self.micro_rows = cfg.data.batch_size // per_step
+        self.micro_pairs = cfg.data.pair_batch_size // per_step
         self.out.mkdir(parents=True, exist_ok=True)
-        self.train_urls = expand_urls(cfg.data.train)
+        self.train_urls = expand_urls(cfg.data.train) if cfg.data.batch_size else []
         self.skips = SkipCounter()
         torch.manual_seed(self.tcfg.seed)
 
@@ -145,10 +178,13 @@ class Trainer:
         from unified.data import text_samples
 
         n = self.cfg.data.tokenizer_docs
-        texts = (t for i, t in zip(range(n), text_samples(self.train_urls, resample=False,
+        texts = [t for i, t in zip(range(n), text_samples(self.train_urls, resample=False,
                                                                 skips=self.skips,
-                                                                same_on_all_ranks=True)))
-        log.info("training a %d-token BPE on up to %d documents", self.cfg.vae.vocab_size, n)
+                                                                same_on_all_ranks=True))
+                 ] if self.train_urls else []
+        if self.tasks is not None:  # captions, instructions, questions
+            texts += self.tasks.texts(n, self.skips)
+        log.info("training a %d-token BPE on %d documents", self.cfg.vae.vocab_size, len(texts))
         tok = train_tokenizer(texts, vocab_size=self.cfg.vae.vocab_size)
         tok.save_pretrained(tok_dir)
         dist_utils.barrier(self.dist)
@@ -162,37 +198,68 @@ class Trainer:
                 model = load_sharded_model(ckpt)
             else:
                 model = ColaModel.from_pretrained(ckpt / "model")
-            model.layout_cfg = self.cfg.layout
+            self._configure(model)
             if self.stage == 2:
                 ref = TextVAE.from_pretrained(ckpt / "ref_vae", low_cpu_mem_usage=False)
                 model.ref_vae = ref.requires_grad_(False).eval()
             return model
         tok = self._tokenizer(init)
         if self.stage == 1:
-            return ColaModel(build_vae(self.cfg, tok), None, tok, self.cfg.layout)
-        base = ColaModel.from_pretrained(init)
-        vae = base.vae
-        if not vae.has_latent_stats:
-            self._measure_latent_stats(vae, tok)
-        prior = base.prior or build_prior(self.cfg, vae.config.latent_dim)
-        model = ColaModel(vae, prior, tok, self.cfg.layout)
-        model.freeze_reference()
+            image_vae = build_image_vae(self.cfg) if self.tasks is not None else None
+            return self._configure(ColaModel(build_vae(self.cfg, tok), None, tok,
+                                             image_vae=image_vae))
+        base = self._configure(ColaModel.from_pretrained(init))
+        if not base.vae.has_latent_stats or (
+                base.image_vae is not None and base.image_vae.config.latents_mean is None):
+            self._measure_latent_stats(base)
+        if base.prior is None:
+            base.prior = build_prior(self.cfg, base.vae.config.latent_dim,
+                                     base.image_token_dim if base.image_vae is not None else None)
+        base.freeze_reference()
+        return base
+
+    def _configure(self, model: ColaModel) -> ColaModel:
+        """Training settings of this run on a built or loaded model: layout, image tokens and
+        time; the image VAE trains in stage 1 unless it was loaded pretrained, never in stage 2."""
+        im = self.cfg.image
+        model.layout_cfg = self.cfg.layout
+        model.image_patch_size, model.image_size = im.patch_size, im.size
+        model.image_time = TimeConfig(im.time_loc, im.time_scale)
+        if model.image_vae is not None and (self.stage == 2 or im.pretrained):
+            model.image_vae.requires_grad_(False)
         return model
 
-    def _measure_latent_stats(self, vae: TextVAE, tok, n_batches: int = 8) -> None:
-        batches = text_batches(self.train_urls, tok, seq_len=self.cfg.data.seq_len,
-                               batch_size=self.cfg.data.batch_size, seed=self.tcfg.seed + 7,
-                               multiple_of=vae.config.patch_size,
-                               same_on_all_ranks=True)  # identical stats on every rank
-        shift, scale = vae.measure_latent_stats(b for _, b in zip(range(n_batches), batches))
-        vae.set_latent_stats(shift, scale)
-        log.info("latent stats: |shift| mean %.3f, scale mean %.3f",
-                 shift.abs().mean().item(), scale.mean().item())
+    def _measure_latent_stats(self, model: ColaModel, n_batches: int = 8) -> None:
+        """Per-channel latent statistics (text, and images if missing), measured on the same
+        batches on every rank so every rank normalizes alike."""
+        vae = model.vae
+        stream = self._global_batches(model.tokenizer, self.tcfg.seed + 7,
+                                      vae.config.patch_size)
+        batches = []
+        for _, b in zip(range(n_batches), stream):
+            if "pairs" in b:
+                b["pairs"] = collate_task_samples(b["pairs"], seq_len=self.cfg.data.seq_len,
+                                                  pad_id=model.tokenizer.pad_token_id)
+            batches.append(b)
+        if not vae.has_latent_stats:
+            shift, scale = vae.measure_latent_stats(ColaModel._text_rows(b) for b in batches)
+            vae.set_latent_stats(shift, scale)
+            log.info("text latent stats: |shift| mean %.3f, scale mean %.3f",
+                     shift.abs().mean().item(), scale.mean().item())
+        if model.image_vae is not None and model.image_vae.config.latents_mean is None:
+            mean, std = iv.measure_latent_stats(model.image_vae,
+                                                (b["pairs"]["images"] for b in batches))
+            iv.set_latent_stats(model.image_vae, mean, std)
+            log.info("image latent stats: mean %s, std %s", [round(float(x), 3) for x in mean],
+                     [round(float(x), 3) for x in std])
 
     def _build_optimizer(self) -> torch.optim.Optimizer:
         o = self.cfg.optim
         groups = [{"params": [p for p in self.model.vae.parameters() if p.requires_grad],
                    "lr": o.lr * (o.vae_lr_mult if self.stage == 2 else 1.0)}]
+        if self.stage == 1 and self.model.image_vae_trainable:
+            groups.append({"params": list(self.model.image_vae.parameters()),
+                           "lr": o.lr * self.cfg.image.lr_mult})
         if self.stage == 2:
             groups.append({"params": list(self.model.prior.parameters()), "lr": o.lr})
         if o.name == "adamw":
@@ -233,23 +300,47 @@ class Trainer:
         log.info("resumed from %s at step %d", ckpt, self.step)
 
     # ----------------------------------------------------------------- loop
+    def _global_batches(self, tokenizer, seed: int, patch_size: int):
+        """The deterministic global stream (the same on every rank): per step, "text" (the
+        global batch of packed prose rows) and "pairs" (the global list of task samples)."""
+        d = self.cfg.data
+        texts = text_batches(self.train_urls, tokenizer, seq_len=d.seq_len,
+                             batch_size=d.batch_size, seed=seed, resample=True, skips=self.skips,
+                             shuffle_buffer=d.shuffle_buffer,
+                             multiple_of=patch_size, same_on_all_ranks=True
+                             ) if d.batch_size else None
+        pairs = self.tasks.samples(tokenizer, seed, self.skips) if self.tasks else None
+        while True:
+            batch = {}
+            if texts is not None:
+                batch["text"] = next(texts)
+            if pairs is not None:
+                batch["pairs"] = [next(pairs) for _ in range(d.pair_batch_size)]
+            yield batch
+
     def _batches(self):
-        """Micro-batches of this rank: the deterministic global stream (the same on every rank),
-        fast-forwarded past what was consumed, each global batch cut into grad_accum x world
-        slices. Every rank therefore takes the same number of steps, and a multi-rank step sees
-        exactly the rows a single process would."""
-        it = text_batches(self.train_urls, self.model.tokenizer, seq_len=self.cfg.data.seq_len,
-                          batch_size=self.cfg.data.batch_size, seed=self.tcfg.seed,
-                          resample=True, skips=self.skips,
-                          shuffle_buffer=self.cfg.data.shuffle_buffer,
-                          multiple_of=self.model.vae.config.patch_size,
-                          same_on_all_ranks=True)
+        """Micro-batches of this rank: the global stream fast-forwarded past what was consumed,
+        each global batch cut into grad_accum x world slices (prose rows and task samples
+        alike; task samples are collated after slicing). Every rank therefore takes the same
+        number of steps, and a multi-rank step sees exactly the data a single process would."""
+        it = self._global_batches(self.model.tokenizer, self.tcfg.seed,
+                                  self.model.vae.config.patch_size)
         for _ in range(self.data_pos):
             next(it)
-        b, w, r = self.micro_rows, self.dist.world, self.dist.rank
+        b, pb, w, r = self.micro_rows, self.micro_pairs, self.dist.world, self.dist.rank
+        pad = self.model.tokenizer.pad_token_id
         for batch in it:
-            yield [{k: v[(m * w + r) * b:(m * w + r + 1) * b] for k, v in batch.items()}
-                   for m in range(self.cfg.optim.grad_accum)]
+            micro = []
+            for m in range(self.cfg.optim.grad_accum):
+                i = m * w + r
+                mb = {}
+                if "text" in batch:
+                    mb["text"] = {k: v[i * b:(i + 1) * b] for k, v in batch["text"].items()}
+                if "pairs" in batch:
+                    mb["pairs"] = collate_task_samples(batch["pairs"][i * pb:(i + 1) * pb],
+                                                       seq_len=self.cfg.data.seq_len, pad_id=pad)
+                micro.append(mb)
+            yield micro
 
     def _checkpoint(self) -> Path | None:
         mine = (self.gen.get_state().cpu(), torch.get_rng_state())
@@ -294,7 +385,7 @@ class Trainer:
             return load_sharded_model(latest_checkpoint(self.out))
         if self.ema is None:
             return self.model
-        return ColaModel(self.model.vae, self.ema.module, self.model.tokenizer, self.cfg.layout)
+        return self.model.with_prior(self.ema.module)
 
     def _loss(self, batch):
         amp = (torch.autocast(self.device.type, dtype=torch.bfloat16)
@@ -309,12 +400,12 @@ class Trainer:
         Returns None when the loss was not finite on any rank (a shared decision, so no rank
         waits on a collective the others skip)."""
         self.optimizer.zero_grad(set_to_none=True)
-        counts = [int((mb["sample_ids"] >= 0).sum()) for mb in micro_batches]
+        counts = [data_units(mb) for mb in micro_batches]
         mean_tokens = dist_utils.mean_across_ranks(
             torch.tensor(float(sum(counts)), dtype=torch.float64), self.dist).item()
         total, terms_sum = 0.0, {}
         for i, mb in enumerate(micro_batches):
-            mb = {k: v.to(self.device) for k, v in mb.items()}
+            mb = to_device(mb, self.device)
             weight = counts[i] / max(mean_tokens, 1.0)
             last = i == len(micro_batches) - 1
             ddp = self.dist.enabled and not self.fsdp

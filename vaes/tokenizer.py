@@ -78,3 +78,13 @@ def encode_document(tok: PreTrainedTokenizerFast, text: str, max_len: int) -> li
     body = tok.encode(text, add_special_tokens=False, split_special_tokens=True)
     ids = [tok.bos_token_id, *body, tok.eos_token_id]
     return [ids[i : i + max_len] for i in range(0, len(ids), max_len)]
+
+
+def encode_piece(tok: PreTrainedTokenizerFast, text: str, max_len: int) -> list[int]:
+    """Ids of ``[bos] + text + [eos]`` as one piece (a caption, a question): raises ValueError
+    when it does not fit ``max_len`` tokens."""
+    ids = [tok.bos_token_id, *tok.encode(text, add_special_tokens=False, split_special_tokens=True),
+           tok.eos_token_id]
+    if len(ids) > max_len:
+        raise ValueError(f"text is too long: {len(ids)} tokens, at most {max_len} fit")
+    return ids

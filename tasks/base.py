@@ -1,0 +1,39 @@
+"""What every task shares: the Task interface and how its condition segments are encoded.
+
+A task (DESIGN §2 tasks/) says how an image-text record becomes a training sample (token ids of
+its text pieces, its images, and the layout recipe of SegmentSpecs that place them in the joint
+sequence), how generation is conditioned and decoded, and how its output is scored.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Protocol
+
+import torch
+
+from unified.config import TasksConfig
+from unified.data import TaskSample
+from unified.layout import Segment, SegmentSpec, place
+from unified.model import ColaModel
+
+
+class Task(Protocol):
+    name: str
+
+    def training_sample(self, record: dict, tokenizer, rng: random.Random, cfg: TasksConfig,
+                        max_len: int) -> TaskSample:
+        """A record {"image": [3, H, W], "caption": str, "meta": dict | None} as a sample."""
+        ...
+
+
+@torch.no_grad()
+def encode_conditions(model: ColaModel, recipe: list[SegmentSpec], texts: list[list[int]],
+                      images: list[torch.Tensor]) -> list[Segment]:
+    """Place one row's condition recipe: its text pieces (token ids) encoded by the Text VAE
+    (normalized posterior means), its images (in [-1, 1]) by the image VAE."""
+    lat = model.encode_texts(texts) if texts else None
+    text_z = [lat[i, : len(t)] for i, t in enumerate(texts)]
+    img_z = list(model.encode_images(torch.stack(images).to(model.vae.device))) if images else []
+    grid = model.image_grid().to(model.vae.device) if images else torch.zeros(0, 2)
+    return place(recipe, text_z, img_z, grid)

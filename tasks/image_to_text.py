@@ -1,0 +1,83 @@
+"""Image-to-text (captioning and visual questions): [P][I][C][N] (DESIGN §3). The instruction
+or question P and the image I form one bidirectional condition block that CFG drops as a
+whole; the answer text follows, its given prefix (at least [bos]) clean, the rest generated
+block by block."""
+
+from __future__ import annotations
+
+import random
+
+import torch
+
+from tasks.base import encode_conditions
+from unified.config import TasksConfig
+from unified.data import TaskSample
+from unified.generate import GenerationConfig, TextGenerator
+from unified.layout import MODALITY_IMAGE, MODALITY_TEXT, ONE_BLOCK, SEG_I, SEG_N, SEG_P, SegmentSpec
+from unified.model import ColaModel
+from vaes.tokenizer import encode_piece
+
+NAME = "image_to_text"
+INSTRUCTION = "describe the image."
+CONDITION = [SegmentSpec(SEG_P, MODALITY_TEXT, 0, blocks=ONE_BLOCK, droppable=True),
+             SegmentSpec(SEG_I, MODALITY_IMAGE, 0, blocks=ONE_BLOCK, join_previous=True,
+                         droppable=True)]
+
+
+def recipe(prompt: int) -> list[SegmentSpec]:
+    """The training recipe with the answer's first `prompt` tokens given."""
+    return [*CONDITION, SegmentSpec(SEG_N, MODALITY_TEXT, 1, target=True, prompt=prompt)]
+
+
+class ImageToText:
+    name = NAME
+
+    def training_sample(self, record: dict, tokenizer, rng: random.Random, cfg: TasksConfig,
+                        max_len: int) -> TaskSample:
+        """Caption the image, or (share `question_prob`, when the record carries a shapes
+        scene) answer a question about it; a share `caption_prefix_prob` of samples give a
+        random prefix of the answer, so continuing a user's caption is learned too."""
+        instruction, answer = INSTRUCTION, record["caption"]
+        scene = record.get("meta")
+        if cfg.question_prob > 0 and scene and rng.random() < cfg.question_prob:
+            from tasks.shapes import Scene, questions
+
+            instruction, answer = rng.choice(questions(Scene.from_json(scene)))
+        ids = encode_piece(tokenizer, answer, max_len)
+        prompt = 1  # [bos]
+        if len(ids) > 2 and rng.random() < cfg.caption_prefix_prob:
+            prompt = rng.randrange(1, len(ids) - 1)
+        return TaskSample(NAME, [encode_piece(tokenizer, instruction, max_len), ids],
+                          [record["image"]], recipe(prompt), cfg.cond_drop_prob)
+
+
+def _conditions(model: ColaModel, images: torch.Tensor, questions: list[str | None]):
+    rows = []
+    for img, q in zip(images, questions):
+        q = INSTRUCTION if q is None or not q.strip() else " ".join(q.lower().split())
+        ids = encode_piece(model.tokenizer, q, model.vae.config.max_len)
+        rows.append(encode_conditions(model, CONDITION, [ids], [img]))
+    return rows
+
+
+def stream(model: ColaModel, images: torch.Tensor, questions: list[str | None] | None = None,
+           prefixes: list[str] | None = None, gen: GenerationConfig | None = None, *,
+           use_cache: bool = True):
+    """Yield BlockOutputs of the answers for images [B, 3, H, W] in [-1, 1]; `questions` (None
+    = describe the image) and answer `prefixes` per image are optional."""
+    b = images.shape[0]
+    if b == 0:
+        raise ValueError("no images given")
+    questions = questions or [None] * b
+    prefixes = prefixes or [""] * b
+    rows = _conditions(model, images, questions)
+    yield from TextGenerator(model).stream(prefixes, gen, use_cache, conditions=rows)
+
+
+def generate(model: ColaModel, images: torch.Tensor, questions: list[str | None] | None = None,
+             prefixes: list[str] | None = None, gen: GenerationConfig | None = None, *,
+             use_cache: bool = True) -> list[str]:
+    """The answers (prefix included) for a batch of images."""
+    prefixes = prefixes or [""] * images.shape[0]
+    *_, last = stream(model, images, questions, prefixes, gen, use_cache=use_cache)
+    return [(p + t) for p, t in zip(prefixes, last.texts)]
