@@ -72,7 +72,12 @@ def cmd_train(args) -> None:
     from unified.train import Trainer
 
     cfg = load_preset(args.preset, args.set)
-    trainer = Trainer(cfg, args.stage, args.out, init=args.init, resume=args.resume)
+    tasks = None
+    if cfg.data.pairs:  # a unified preset: image-text records become task samples
+        from tasks import TaskMixture
+
+        tasks = TaskMixture(cfg)
+    trainer = Trainer(cfg, args.stage, args.out, init=args.init, resume=args.resume, tasks=tasks)
     try:
         trainer.train(max_steps=args.max_steps)
     finally:
@@ -123,12 +128,30 @@ def cmd_generate(args) -> None:
 
 
 def cmd_eval(args) -> None:
-    from unified.evaluate import evaluate_text_vae
-
     model = _load(args.checkpoint)
-    report = evaluate_text_vae(model, args.data, max_docs=args.max_docs)
+    report = {}
+    if args.what in ("text-vae", "all"):
+        from unified.evaluate import evaluate_text_vae
+
+        report.update(evaluate_text_vae(model, args.data, max_docs=args.max_docs))
+    if args.what in ("shapes", "all"):
+        if model.image_vae is None:
+            raise UserError(f"{args.checkpoint} has no image side: `cola eval shapes` needs a "
+                            "unified model")
+        from tasks.benchmark import evaluate_shapes
+        from unified.generate import GenerationConfig, ImageGenerationConfig
+
+        report.update(evaluate_shapes(
+            model, args.shapes_data, n=args.n,
+            text_gen=GenerationConfig(max_new_tokens=min(48, model.vae.config.max_len - 1),
+                                      steps=args.steps,
+                                      guidance=args.text_guidance),
+            image_gen=ImageGenerationConfig(steps=args.steps, guidance=args.image_guidance)))
+    examples = report.pop("examples", [])
     for key, val in report.items():
-        print(f"{key:>28}: {val:.4f}" if isinstance(val, float) else f"{key:>28}: {val}")
+        print(f"{key:>32}: {val:.4f}" if isinstance(val, float) else f"{key:>32}: {val}")
+    for got, want in examples:
+        print(f"  caption: {got!r}\n     true: {want!r}")
 
 
 def cmd_latent_stats(args) -> None:
@@ -231,11 +254,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_latent_stats)
 
     s = sub.add_parser("eval", help="measure a model")
-    s.add_argument("what", choices=["text-vae"])
+    s.add_argument("what", choices=["text-vae", "shapes", "all"])
     s.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT))
     s.add_argument("--data", default="data/stdlib/heldout",
-                   help="held-out shards (cola make-shards text --default-corpus)")
+                   help="held-out prose shards (cola make-shards text --default-corpus)")
     s.add_argument("--max-docs", type=int, default=500)
+    s.add_argument("--shapes-data", default="data/shapes/heldout",
+                   help="held-out shapes shards (cola make-shards shapes)")
+    s.add_argument("-n", type=int, default=500, help="shapes: scenes to evaluate")
+    s.add_argument("--steps", type=int, default=8, help="shapes: ODE steps per block / image")
+    s.add_argument("--text-guidance", type=float, default=2.0)
+    s.add_argument("--image-guidance", type=float, default=4.0)
     s.set_defaults(fn=cmd_eval)
     return p
 
