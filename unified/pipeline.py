@@ -1,0 +1,207 @@
+"""`UnifiedPipeline`: the one-line entry point to a trained model, in the diffusers style.
+
+    pipe = UnifiedPipeline.from_pretrained("demo/checkpoint")
+    pipe.generate_text("Return the number of").text
+    pipe.caption(Image.open("scene.png")).text
+    pipe.text_to_image("a large red circle at the top left").images[0].save("out.png")
+    pipe.save_pretrained("my-model")
+
+It is a diffusers `DiffusionPipeline` whose components (text_vae, prior, image_vae, tokenizer)
+are the parts of a ColaModel (unified/model.py), which reads and writes the folder. Every call
+keeps its state (noise generators, KV caches) to itself, so one pipeline can serve concurrent
+requests. Bad arguments raise ValueError with a message meant for the user.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import DiffusionPipeline
+from PIL import Image
+
+from unified.generate import BlockOutput, GenerationConfig, ImageGenerationConfig
+from unified.layout import TextLayoutConfig, TimeConfig
+from unified.model import ColaModel
+
+MAX_IMAGE_SIDE = 4096  # larger uploads are refused, not resized (memory)
+MAX_PROMPT_CHARS = 2000
+
+
+@dataclass
+class TextResult:
+    texts: list[str]
+    nfe: int  # prior forward calls (one fused CFG call counts once)
+    seconds: float
+
+    @property
+    def text(self) -> str:
+        return self.texts[0]
+
+
+@dataclass
+class ImageResult:
+    images: list[Image.Image]
+    nfe: int
+    seconds: float
+    trajectory: list[list[Image.Image]] = field(default_factory=list)  # per image, t = 1 -> 0
+    trajectory_t: list[float] = field(default_factory=list)
+
+
+def to_pil(images: torch.Tensor) -> list[Image.Image]:
+    """[B, 3, H, W] in [-1, 1] -> PIL images."""
+    arr = ((images.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1)
+    return [Image.fromarray(a.cpu().numpy(), mode="RGB") for a in arr]
+
+
+def prepare_image(image, size: int) -> torch.Tensor:
+    """A PIL image, an array (HWC uint8 or float in [0, 1]) or a path -> [3, size, size] in
+    [-1, 1]. Raises ValueError for anything that is not a readable, reasonably sized image."""
+    if isinstance(image, (str, Path)):
+        try:
+            image = Image.open(image)
+            image.load()
+        except Exception as e:  # noqa: BLE001 - any decoding failure is the user's file
+            raise ValueError(f"not a readable image: {e}") from None
+    if isinstance(image, np.ndarray):
+        if image.ndim != 3 or image.shape[-1] not in (3, 4):
+            raise ValueError(f"an image array must be H x W x 3 (or 4), got shape {image.shape}")
+        if not np.isfinite(image).all():
+            raise ValueError("the image holds NaN or infinite values")
+        arr = image[..., :3]
+        arr = (arr * 255 if arr.dtype.kind == "f" and arr.max() <= 1.0 else arr)
+        image = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), mode="RGB")
+    if not isinstance(image, Image.Image):
+        raise ValueError(f"expected an image, got {type(image).__name__}")
+    w, h = image.size
+    if max(w, h) > MAX_IMAGE_SIDE:
+        raise ValueError(f"the image is too large ({w} x {h}); at most {MAX_IMAGE_SIDE} pixels "
+                         f"a side")
+    if min(w, h) < 1:
+        raise ValueError("the image is empty")
+    image = image.convert("RGB")
+    if image.size != (size, size):
+        image = image.resize((size, size), Image.BICUBIC)
+    arr = torch.from_numpy(np.asarray(image, dtype=np.float32).copy()).permute(2, 0, 1)
+    return arr / 127.5 - 1.0
+
+
+def _check_prompt(prompt: str, what: str = "prompt", allow_empty: bool = False) -> str:
+    if not isinstance(prompt, str):
+        raise ValueError(f"the {what} must be text, got {type(prompt).__name__}")
+    if len(prompt) > MAX_PROMPT_CHARS:
+        raise ValueError(f"the {what} is too long: {len(prompt)} characters, at most "
+                         f"{MAX_PROMPT_CHARS}")
+    if not allow_empty and not prompt.strip():
+        raise ValueError(f"the {what} is empty")
+    return prompt
+
+
+class UnifiedPipeline(DiffusionPipeline):
+    """Text-to-text, image-to-text and text-to-image with one Cola prior."""
+
+    _optional_components = ["prior", "image_vae"]
+
+    def __init__(self, text_vae, tokenizer, prior=None, image_vae=None, block_size: int = 16,
+                 image_patch_size: int = 2, image_size: int = 32,
+                 image_time: tuple[float, float] = (1.0, 1.0)):
+        super().__init__()
+        self.register_modules(text_vae=text_vae, tokenizer=tokenizer, prior=prior,
+                              image_vae=image_vae)
+        self.register_to_config(block_size=block_size, image_patch_size=image_patch_size,
+                                image_size=image_size, image_time=list(image_time))
+        self.model = ColaModel(text_vae, prior, tokenizer, TextLayoutConfig(block_size=block_size),
+                               image_vae, image_patch_size, TimeConfig(*image_time), image_size)
+
+    # ----------------------------------------------------------------- folders
+    @classmethod
+    def from_model(cls, model: ColaModel) -> UnifiedPipeline:
+        t = model.image_time
+        return cls(model.vae, model.tokenizer, model.prior, model.image_vae, model.block_size,
+                   model.image_patch_size, model.image_size, (t.loc, t.scale))
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path, device: str | torch.device | None = None,
+                        **_ignored) -> UnifiedPipeline:
+        """Load a model folder (`cola export`, `cola train` .../final, `save_pretrained`)."""
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        return cls.from_model(ColaModel.from_pretrained(folder, device=device))
+
+    def save_pretrained(self, folder: str | Path, **_ignored) -> None:
+        self.model.save_pretrained(folder)
+
+    @property
+    def can_see_images(self) -> bool:
+        return self.image_vae is not None and self.prior is not None and \
+            "image" in self.prior.modality_names
+
+    def _need_images(self) -> None:
+        if not self.can_see_images:
+            raise ValueError("this model has no image side (a text-only checkpoint)")
+
+    # ----------------------------------------------------------------- tasks
+    def generate_text(self, prompt: str | list[str], *, max_new_tokens: int = 64,
+                      steps: int = 8, guidance: float = 2.0, shift: float = 1.0,
+                      temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+                      seed: int = 0, stream: bool = False) -> TextResult | Iterator[BlockOutput]:
+        """Continue a prompt (or a list of prompts) block by block; `stream=True` yields a
+        BlockOutput per block instead of the final TextResult."""
+        from tasks import text_to_text
+
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        prompts = [_check_prompt(p) for p in prompts]
+        gen = GenerationConfig(max_new_tokens=max_new_tokens, steps=steps, guidance=guidance,
+                               shift=shift, temperature=temperature, top_k=top_k, top_p=top_p,
+                               seed=seed)
+        it = text_to_text.stream(self.model, prompts, gen)
+        return it if stream else _finish_text(it)
+
+    def caption(self, image, *, question: str | None = None, prefix: str = "",
+                max_new_tokens: int = 48, steps: int = 8, guidance: float = 2.0,
+                shift: float = 1.0, temperature: float = 0.0, seed: int = 0,
+                stream: bool = False) -> TextResult | Iterator[BlockOutput]:
+        """Describe an image (or answer `question` about it), optionally continuing `prefix`.
+        `image`: a PIL image, an H x W x 3 array, a path, or a list of those."""
+        from tasks import image_to_text
+
+        self._need_images()
+        images = image if isinstance(image, list) else [image]
+        if not images:
+            raise ValueError("no image given")
+        x = torch.stack([prepare_image(im, self.model.image_size) for im in images])
+        q = _check_prompt(question or "", "question", allow_empty=True).strip() or None
+        prefix = _check_prompt(prefix, "caption prefix", allow_empty=True)
+        gen = GenerationConfig(max_new_tokens=max_new_tokens, steps=steps, guidance=guidance,
+                               shift=shift, temperature=temperature, seed=seed)
+        it = image_to_text.stream(self.model, x.to(self.model.vae.device), [q] * len(images),
+                                  [prefix] * len(images), gen)
+        return it if stream else _finish_text(it, prefix)
+
+    def text_to_image(self, prompt: str | list[str], *, steps: int = 16, guidance: float = 4.0,
+                      shift: float = 1.0, seed: int = 0, trajectory: int = 0,
+                      on_step=None) -> ImageResult:
+        """Draw an image for a prompt (or one per prompt of a list). `trajectory` > 0 also
+        returns that many intermediate decodes of the data estimate, noise to image."""
+        from tasks import text_to_image
+
+        self._need_images()
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        prompts = [_check_prompt(p) for p in prompts]
+        gen = ImageGenerationConfig(steps=steps, guidance=guidance, shift=shift, seed=seed)
+        t0 = time.perf_counter()
+        out = text_to_image.generate(self.model, prompts, gen, trajectory=trajectory,
+                                     on_step=on_step)
+        traj = [to_pil(step) for step in out.trajectory]  # [steps][B]
+        per_image = [[step[b] for step in traj] for b in range(len(prompts))] if traj else []
+        return ImageResult(to_pil(out.images), out.nfe, time.perf_counter() - t0, per_image,
+                           out.trajectory_t)
+
+
+def _finish_text(it: Iterator[BlockOutput], prefix: str = "") -> TextResult:
+    t0 = time.perf_counter()
+    *_, last = it
+    return TextResult([prefix + t for t in last.texts], last.nfe, time.perf_counter() - t0)
