@@ -41,6 +41,20 @@ class PriorConfig:
 
 
 @dataclass
+class ModelConfig:
+    """Which model the trainer builds: "cola" (Text VAE + prior, the two stages) or a baseline
+    that shares the tokenizer, data pipeline and trainer (unified/baselines.py): "ar" (a
+    causal transformer LM) or "mdlm" (a masked discrete diffusion LM). The sizes below are
+    the baselines' (Cola's are [vae] and [prior])."""
+
+    kind: str = "cola"
+    width: int = 256
+    depth: int = 11
+    heads: int = 4
+    intermediate: int = 688  # SwiGLU hidden size (~8/3 width: ~12 width^2 per layer, as the DiT)
+
+
+@dataclass
 class LossConfig:
     beta: float = 0.01  # KL(q || N(0, I)) weight
     lambda_mask: float = 1.0  # BERT-style masked-token CE weight
@@ -123,6 +137,7 @@ class TrainConfig:
 @dataclass
 class ColaConfig:
     name: str = "custom"
+    model: ModelConfig = field(default_factory=ModelConfig)
     vae: VAEConfig = field(default_factory=VAEConfig)
     prior: PriorConfig = field(default_factory=PriorConfig)
     layout: TextLayoutConfig = field(default_factory=TextLayoutConfig)

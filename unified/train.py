@@ -191,6 +191,8 @@ class Trainer:
         return tok
 
     def _build_model(self, init, ckpt) -> ColaModel:
+        if self.cfg.model.kind != "cola":
+            return self._build_baseline(init, ckpt)
         if ckpt is not None:  # everything (incl. measured latent stats) comes from the checkpoint
             if (ckpt / "model-shard-0.safetensors").is_file():
                 from unified.fsdp import load_sharded_model
@@ -217,6 +219,19 @@ class Trainer:
                                      base.image_token_dim if base.image_vae is not None else None)
         base.freeze_reference()
         return base
+
+    def _build_baseline(self, init, ckpt):
+        """A baseline of unified/baselines.py (`model.kind` "ar" or "mdlm"): one stage, prose
+        only, the tokenizer of `init` (a Cola model folder) when given, else trained as in
+        stage 1 on the same documents."""
+        from unified.baselines import build_baseline, load_model
+
+        if self.stage != 1 or self.tasks is not None or self.fsdp:
+            raise ValueError(f"model.kind={self.cfg.model.kind!r} trains in one stage (--stage 1) "
+                             "on prose only, replicated (parallel='ddp')")
+        if ckpt is not None:
+            return load_model(ckpt / "model")
+        return build_baseline(self.cfg, self._tokenizer(init))
 
     def _configure(self, model: ColaModel) -> ColaModel:
         """Training settings of this run on a built or loaded model: layout, image tokens and
@@ -255,13 +270,16 @@ class Trainer:
 
     def _build_optimizer(self) -> torch.optim.Optimizer:
         o = self.cfg.optim
-        groups = [{"params": [p for p in self.model.vae.parameters() if p.requires_grad],
-                   "lr": o.lr * (o.vae_lr_mult if self.stage == 2 else 1.0)}]
-        if self.stage == 1 and self.model.image_vae_trainable:
-            groups.append({"params": list(self.model.image_vae.parameters()),
-                           "lr": o.lr * self.cfg.image.lr_mult})
-        if self.stage == 2:
-            groups.append({"params": list(self.model.prior.parameters()), "lr": o.lr})
+        if not isinstance(self.model, ColaModel):  # a baseline: every parameter, one group
+            groups = [{"params": list(self.model.parameters()), "lr": o.lr}]
+        else:
+            groups = [{"params": [p for p in self.model.vae.parameters() if p.requires_grad],
+                       "lr": o.lr * (o.vae_lr_mult if self.stage == 2 else 1.0)}]
+            if self.stage == 1 and self.model.image_vae_trainable:
+                groups.append({"params": list(self.model.image_vae.parameters()),
+                               "lr": o.lr * self.cfg.image.lr_mult})
+            if self.stage == 2:
+                groups.append({"params": list(self.model.prior.parameters()), "lr": o.lr})
         if o.name == "adamw":
             return torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas),
                                      weight_decay=o.weight_decay)
@@ -323,8 +341,8 @@ class Trainer:
         each global batch cut into grad_accum x world slices (prose rows and task samples
         alike; task samples are collated after slicing). Every rank therefore takes the same
         number of steps, and a multi-rank step sees exactly the data a single process would."""
-        it = self._global_batches(self.model.tokenizer, self.tcfg.seed,
-                                  self.model.vae.config.patch_size)
+        patch = self.model.vae.config.patch_size if isinstance(self.model, ColaModel) else 1
+        it = self._global_batches(self.model.tokenizer, self.tcfg.seed, patch)
         for _ in range(self.data_pos):
             next(it)
         b, pb, w, r = self.micro_rows, self.micro_pairs, self.dist.world, self.dist.rank
