@@ -20,6 +20,7 @@ from functools import partial
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from timm.layers import Mlp, RmsNorm
@@ -28,25 +29,48 @@ from .attention import attention, resolve_backend
 
 
 class KVCache:
-    """Per-layer keys/values of committed (clean, t = 0) tokens (validity masks are the caller's)."""
+    """Per-layer keys/values of committed (clean, t = 0) tokens, in preallocated buffers
+    [B, H, capacity, Dh] (validity masks are the caller's).
 
-    def __init__(self, depth: int):
+    A call writes its new K/V right after the committed ones, so attention reads one view
+    [:, :, :length + new] and nothing is concatenated; the first `keep` new tokens (a commit)
+    advance the length, the others are scratch that the next call overwrites. A buffer grows
+    by doubling when a call does not fit (`capacity` presizes it)."""
+
+    def __init__(self, depth: int, capacity: int = 0):
+        self.capacity = capacity
         self.k: list[torch.Tensor | None] = [None] * depth
         self.v: list[torch.Tensor | None] = [None] * depth
+        self.n = [0] * depth
 
     @property
     def length(self) -> int:
-        return 0 if self.k[0] is None else self.k[0].shape[2]
+        return self.n[0]
 
     def get(self, i: int):
-        return self.k[i], self.v[i]
+        if self.k[i] is None or self.n[i] == 0:
+            return None, None
+        return self.k[i][:, :, : self.n[i]], self.v[i][:, :, : self.n[i]]
+
+    def extend(self, i: int, k: torch.Tensor, v: torch.Tensor, keep: int):
+        """Write k, v [B, H, L, Dh] after layer i's committed tokens, commit the first `keep`
+        of them; returns keys and values of committed + new tokens [B, H, n + L, Dh]."""
+        n, m = self.n[i], k.shape[2]
+        buf = self.k[i]
+        if buf is None or buf.shape[2] < n + m:
+            cap = max(n + m, self.capacity, 0 if buf is None else 2 * buf.shape[2])
+            new_k = k.new_empty(k.shape[0], k.shape[1], cap, k.shape[3])
+            new_v = v.new_empty(v.shape[0], v.shape[1], cap, v.shape[3])
+            if n:
+                new_k[:, :, :n], new_v[:, :, :n] = buf[:, :, :n], self.v[i][:, :, :n]
+            self.k[i], self.v[i] = new_k, new_v
+        self.k[i][:, :, n:n + m] = k
+        self.v[i][:, :, n:n + m] = v
+        self.n[i] = n + keep
+        return self.k[i][:, :, :n + m], self.v[i][:, :, :n + m]
 
     def append(self, i: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        if self.k[i] is None:
-            self.k[i], self.v[i] = k, v
-        else:
-            self.k[i] = torch.cat([self.k[i], k], dim=2)
-            self.v[i] = torch.cat([self.v[i], v], dim=2)
+        self.extend(i, k, v, k.shape[2])
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -58,17 +82,18 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
 
 
 def rope_tables(positions: torch.Tensor, head_dim: int, axes: int, theta: float):
-    """cos/sin [B, 1, L, head_dim/2] for positions [B, L] or [B, L, axes] (head dim split per axis)."""
+    """cos/sin [B, L, 1, 1, head_dim/2] (fp32) for positions [B, L] or [B, L, axes] (head dim
+    split per axis); they broadcast over (q|k, head) of a [B, L, 2, H, head_dim] tensor."""
     if positions.dim() == 2:
         positions = positions[..., None].expand(*positions.shape, axes)
     per_axis = head_dim // 2 // axes
     inv = theta ** (-torch.arange(per_axis, device=positions.device, dtype=torch.float32) / per_axis)
-    angles = torch.cat([positions[..., a, None].float() * inv for a in range(axes)], dim=-1)
-    return angles.cos()[:, None], angles.sin()[:, None]
+    angles = (positions[..., :axes].float()[..., None] * inv).flatten(-2)  # [B, L, axes * per_axis]
+    return angles.cos()[:, :, None, None], angles.sin()[:, :, None, None]
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs (x1, x2) = halves of the head dim. x [B, H, L, Dh]."""
+    """Rotate pairs (x1, x2) = halves of the head dim (in fp32). x [..., Dh]."""
     x1, x2 = x.float().chunk(2, dim=-1)
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).to(x.dtype)
 
@@ -86,20 +111,24 @@ class Attention(nn.Module):
         self.k_norm = RmsNorm(self.head_dim) if qk_norm else nn.Identity()
         self.proj = nn.Linear(width, width)
 
-    def forward(self, x, rope, mask, backend, cache: KVCache | None, layer: int, commit: bool):
+    def _qk(self, qk: torch.Tensor, rope) -> torch.Tensor:
+        """QK-norm and RoPE of q and k together, in fp32 (the fused RMSNorm kernel needs input
+        and weight of one dtype): qk [B, L, 2, H, Dh] -> same shape, fp32."""
+        qk = qk.float()
+        if isinstance(self.q_norm, RmsNorm):
+            w = torch.stack([self.q_norm.weight, self.k_norm.weight]).float()[:, None]  # [2, 1, Dh]
+            qk = F.rms_norm(qk, (self.head_dim,), eps=self.q_norm.eps) * w
+        return apply_rope(qk, *rope)
+
+    def forward(self, x, rope, mask, backend, cache: KVCache | None, layer: int, commit):
         b, n, w = x.shape
-        qkv = self.qkv(x).view(b, n, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)  # each [B, H, L, Dh]
-        q, k = apply_rope(self.q_norm(q), *rope), apply_rope(self.k_norm(k), *rope)
-        ck, cv = cache.get(layer) if cache is not None else (None, None)
-        if ck is not None:  # per layer: a commit pass appends layer by layer
-            k_all, v_all = torch.cat([ck, k], 2), torch.cat([cv, v], 2)  # [B, H, Lc + L, Dh]
-        else:
-            k_all, v_all = k, v
-        if commit:  # True: every token of this call; an int n: its first n tokens
-            keep = k.shape[2] if commit is True else int(commit)
-            cache.append(layer, k[:, :, :keep], v[:, :, :keep])
-        out = attention(q, k_all, v_all, mask, backend)  # [B, H, L, Dh]
+        qkv = self.qkv(x).view(b, n, 3, self.heads, self.head_dim)
+        v = qkv[:, :, 2].transpose(1, 2)  # [B, H, L, Dh]
+        q, k = self._qk(qkv[:, :, :2], rope).to(v.dtype).permute(2, 0, 3, 1, 4).unbind(0)
+        if cache is not None:  # commit=True: keep every token of this call; an int n: its first n
+            keep = n if commit is True else int(commit)
+            k, v = cache.extend(layer, k, v, keep)  # [B, H, Lc + L, Dh]: the cache + this call
+        out = attention(q, k, v, mask, backend)  # [B, H, L, Dh]
         return self.proj(out.transpose(1, 2).reshape(b, n, w))
 
 
@@ -113,11 +142,15 @@ class DiTBlock(nn.Module):
         self.mod_offset = nn.Parameter(torch.zeros(6, width))  # per-layer AdaLN-single offsets
 
     def forward(self, x, mod, rope, mask, backend, cache, layer, commit):
-        # mod [B, L, 6, W] shared modulation; add this layer's offsets
-        sh1, sc1, g1, sh2, sc2, g2 = (mod + self.mod_offset).unbind(2)
-        x = x + g1 * self.attn(modulate(self.norm1(x), sh1, sc1), rope, mask, backend, cache,
-                               layer, commit)  # [B, L, W]
-        x = x + g2 * self.mlp(modulate(self.norm2(x), sh2, sc2))  # [B, L, W]
+        # mod = (table [U, 6, W], index [B, L] or None): the shared modulation of each distinct
+        # time (1 already added to its two scale rows), or of each token when index is None.
+        # modulate(x) = x * (1 + scale) + shift = addcmul(shift, x, 1 + scale)
+        table, index = mod
+        m = table + self.mod_offset  # [U, 6, W]: this layer's offsets
+        sh1, sc1, g1, sh2, sc2, g2 = (m if index is None else m[index]).unbind(-2)  # [B, L, W]
+        h = torch.addcmul(sh1, self.norm1(x), sc1)
+        x = torch.addcmul(x, g1, self.attn(h, rope, mask, backend, cache, layer, commit))  # [B, L, W]
+        x = torch.addcmul(x, g2, self.mlp(torch.addcmul(sh2, self.norm2(x), sc2)))  # [B, L, W]
         return x
 
 
@@ -154,6 +187,9 @@ class DiT(ModelMixin, ConfigMixin):
         self.final_norm = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
         self.final_adaln = nn.Sequential(nn.SiLU(), nn.Linear(width, 2 * width))
         self._backend: str | None = None
+        # 1 on the two scale rows (shift, scale, gate) x 2 of the modulation: x * (1 + scale)
+        self.register_buffer("scale_one", torch.tensor([0.0, 1, 0, 0, 1, 0])[:, None],
+                             persistent=False)
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
@@ -185,8 +221,8 @@ class DiT(ModelMixin, ConfigMixin):
     def set_backend(self, name: str) -> None:
         self._backend = resolve_backend(name, self.device)
 
-    def new_cache(self) -> KVCache:
-        return KVCache(self.config.depth)
+    def new_cache(self, capacity: int = 0) -> KVCache:
+        return KVCache(self.config.depth, capacity)
 
     def forward(
         self,
@@ -212,12 +248,19 @@ class DiT(ModelMixin, ConfigMixin):
             d = self.in_proj[name].in_features
             proj = self.in_proj[name](z[..., :d])  # [B, L, W]
             h = h + (proj if len(self.modality_names) == 1 else proj * (modality == i)[..., None])
-        temb = self.t_embed(timestep_embedding(t, 256))  # [B, L, W]
-        mod = self.adaln(temb).unflatten(-1, (6, cfg.width))  # [B, L, 6, W]
+        # AdaLN-single depends on t alone: embed and project each distinct time once (a block
+        # shares one t), then index per token. (Not when training on an accelerator, where
+        # unique() would wait for the device.)
+        index = None
+        if t.device.type == "cpu" or not torch.is_grad_enabled():
+            t, index = t.unique(return_inverse=True)  # [U], [B, L]
+        temb = self.t_embed(timestep_embedding(t, 256))  # [U or (B, L), W]
+        mod = self.adaln(temb).unflatten(-1, (6, cfg.width)) + self.scale_one  # [.., 6, W]
         rope = rope_tables(positions, cfg.width // cfg.heads, cfg.rope_axes, cfg.rope_theta)
         for i, blk in enumerate(self.blocks):
-            h = blk(h, mod, rope, mask, self.backend, cache, i, commit)  # [B, L, W]
-        shift, scale = self.final_adaln(temb).chunk(2, dim=-1)  # [B, L, W] each
+            h = blk(h, (mod, index), rope, mask, self.backend, cache, i, commit)  # [B, L, W]
+        final = self.final_adaln(temb)
+        shift, scale = (final if index is None else final[index]).chunk(2, dim=-1)  # [B, L, W]
         h = modulate(self.final_norm(h), shift, scale)  # [B, L, W]
         out = z.new_zeros(*h.shape[:2], self.latent_width, dtype=h.dtype)
         for i, name in enumerate(self.modality_names):

@@ -122,3 +122,26 @@ def test_nonempty_rows_keeps_padding_finite():
     out = dit(torch.randn(1, 4, 8), torch.rand(1, 4), torch.zeros(1, 4, dtype=torch.long),
               torch.arange(4)[None], mask)
     assert torch.isfinite(out).all()
+
+
+def test_cache_buffers_grow_and_match_a_presized_cache():
+    """A cache that starts too small grows (doubling) and gives what a presized one gives; the
+    scratch K/V of an uncommitted call never become history."""
+    dit = random_dit(seed=9)
+    torch.manual_seed(3)
+    z = torch.randn(2, 24, 8)
+    pos = torch.arange(24).expand(2, 24)
+    mod = torch.zeros(2, 4, dtype=torch.long)
+    outs = []
+    with torch.no_grad():
+        for cache in (dit.new_cache(), dit.new_cache(capacity=64)):
+            res = []
+            for s in range(0, 24, 4):
+                sl = slice(s, s + 4)
+                mask = torch.ones(2, 4, cache.length + 4, dtype=torch.bool)
+                res.append(dit(z[:, sl], torch.full((2, 4), 0.7), mod, pos[:, sl], mask, cache=cache))
+                assert cache.length == s  # a noisy call leaves only scratch behind
+                dit(z[:, sl], torch.zeros(2, 4), mod, pos[:, sl], mask, cache=cache, commit=True)
+            assert cache.length == 24 and cache.k[0].shape[2] >= 24
+            outs.append(torch.cat(res, 1))
+    assert (outs[0] - outs[1]).abs().max().item() <= 1e-6 and outs[0].abs().max() > 1e-2
