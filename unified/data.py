@@ -199,19 +199,23 @@ IMAGE_KEYS = ("png", "jpg", "jpeg", "webp")
 
 
 def _to_image_text(sample: dict, image_size: int) -> dict:
-    """Decoded sample -> {"key", "image" [3, S, S] in [-1, 1], "caption", "meta"}; raises on a
-    missing or undecodable member (the handler counts and skips it)."""
+    """Sample (text members decoded, the image still bytes) -> {"key", "image" [3, S, S] in
+    [-1, 1], "caption", "meta"}; raises on a missing or undecodable member (the handler counts
+    and skips it). The image is decoded here, once, straight to RGB (webdataset's "pil"
+    decoder would open, load and convert it through its handler chain first)."""
+    import io
+
     import numpy as np
     from PIL import Image
 
     key = sample.get("__key__")
-    img = next((sample[k] for k in IMAGE_KEYS if k in sample), None)
-    if not isinstance(img, Image.Image):
-        raise MissingImageError(f"sample {key!r} has no decodable image")
+    raw = next((sample[k] for k in IMAGE_KEYS if k in sample), None)
+    if not isinstance(raw, bytes):
+        raise MissingImageError(f"sample {key!r} has no image")
     text = sample.get("txt")
     if not isinstance(text, str) or not text.strip():
         raise MissingTextError(f"sample {key!r} has no caption")
-    img = img.convert("RGB")
+    img = Image.open(io.BytesIO(raw)).convert("RGB")
     if img.size != (image_size, image_size):
         img = img.resize((image_size, image_size), Image.BICUBIC)
     arr = torch.from_numpy(np.asarray(img, dtype=np.float32).copy()).permute(2, 0, 1)
@@ -239,7 +243,7 @@ def image_text_samples(
     handler = skips if skips is not None else SkipCounter()
     pipeline = raw_samples(urls, seed=seed, resample=resample, shuffle_buffer=shuffle_buffer,
                            handler=handler, same_on_all_ranks=same_on_all_ranks)
-    pipeline = pipeline.compose(wds.decode("pil", handler=handler))
+    pipeline = pipeline.compose(wds.decode(only=["txt", "json"], handler=handler))
     return pipeline.compose(wds.map(partial(_to_image_text, image_size=image_size),
                                     handler=handler))
 
