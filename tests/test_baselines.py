@@ -185,3 +185,18 @@ def test_presets_match_cola_text_default_within_10_percent(kind):
         real = build_baseline(load_preset(f"{kind}-default"), train_tokenizer(["a b"] * 5, 4096))
     assert real.num_parameters() == llama_params(len(real.tokenizer), m.width, m.depth,
                                                  m.intermediate)
+
+
+def test_generative_perplexity_and_unigram_entropy(tokenizer):
+    import math
+
+    from unified.evaluate import generative_perplexity, unigram_entropy
+
+    assert unigram_entropy([7, 7, 7, 7]) == 0.0 and unigram_entropy([]) == 0.0
+    assert unigram_entropy([5, 6, 5, 6]) == pytest.approx(math.log(2))
+    ar = tiny("ar", tokenizer, seed=5)
+    ctx, samples = [[1, 40], [1, 41], [1, 42]], [[43, 44, 45], [], [46]]
+    m = generative_perplexity(ar, ctx, samples)
+    nll = torch.cat(ar.nll([ctx[0], ctx[2]], [samples[0], samples[2]]))
+    assert m["tokens"] == 4 and m["gen_ppl"] == pytest.approx(math.exp(nll.mean().item()), rel=1e-5)
+    assert m["length"] == pytest.approx(4 / 3)

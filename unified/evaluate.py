@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -52,3 +53,31 @@ def evaluate_text_vae(model: ColaModel, data: str | Path | None = None, *, max_d
     return {"documents": len(texts), "tokens": total,
             "token_accuracy": correct["clean"] / total,
             f"token_accuracy_at_t{noise_t:g}": correct["noised"] / total}
+
+
+# --------------------------------------------------------------------------------------------
+# generated text: generative perplexity under a judge LM, and unigram entropy
+
+
+def unigram_entropy(ids: list[int]) -> float:
+    """Entropy (nats) of the token frequencies of one sample: low when it repeats itself
+    (a degenerate sample can have a low perplexity under any judge)."""
+    if not ids:
+        return 0.0
+    counts = torch.bincount(torch.tensor(ids)).float()
+    p = counts[counts > 0] / len(ids)
+    return float(-(p * p.log()).sum())
+
+
+def generative_perplexity(judge, contexts: list[list[int]], samples: list[list[int]]) -> dict:
+    """exp(mean NLL per token) of `samples` (token ids, EOS excluded) after their `contexts`
+    under `judge` (an autoregressive LM with `nll`, e.g. unified.baselines.ARModel), pooled over
+    all tokens; plus the mean unigram entropy and length of the samples. Empty samples carry no
+    tokens (they still count in the entropy and length means)."""
+    keep = [i for i, s in enumerate(samples) if s]
+    nll = judge.nll([contexts[i] for i in keep], [samples[i] for i in keep]) if keep else []
+    tokens = sum(len(x) for x in nll)
+    total = float(sum(x.sum() for x in nll))
+    return {"gen_ppl": math.exp(total / tokens) if tokens else float("nan"),
+            "entropy": sum(map(unigram_entropy, samples)) / max(1, len(samples)),
+            "length": sum(map(len, samples)) / max(1, len(samples)), "tokens": tokens}
