@@ -111,3 +111,42 @@ def test_sample_tokens_top_k_top_p():
     draws = {int(sample_tokens(logits, 1.0, 0, 0.5, g)) for _ in range(200)}
     assert draws == {0}  # p(token 0) = 0.71 > 0.5 alone
     assert int(sample_tokens(logits, 0.0, 0, 1.0, g)) == 0
+
+
+def test_rows_without_a_droppable_condition_get_no_unconditional_row(model):
+    """A prompt shorter than a block has no condition CFG can drop: its unconditional branch
+    would repeat the conditional one, so the fused call skips it (and still equals the
+    reference, which computes both branches)."""
+    engine = TextGenerator(model)
+    rows = []
+    real = model.prior.forward
+
+    def spy(z, *a, **k):
+        rows.append(z.shape[0])
+        return real(z, *a, **k)
+
+    gen = GenerationConfig(max_new_tokens=8, steps=2, guidance=3.0, seed=2)
+    prompts = ["A", "Return the number of items", "B"]  # only row 1 has a whole prompt block
+    model.prior.forward = spy
+    try:
+        fast = list(engine.stream(prompts, gen))
+    finally:
+        model.prior.forward = real
+    assert set(rows) == {3 + 1}  # 3 conditional rows + 1 unconditional row, every call
+    slow = list(engine.stream(prompts, gen, use_cache=False))
+    for f, s in zip(fast, slow):
+        assert f.new_ids == s.new_ids and (f.latents - s.latents).abs().max() <= 1e-4
+
+
+def test_bf16_weights_generate_like_fp32(model):
+    """A bf16 copy of the model (no autocast) takes the engine's fp32 noise and times."""
+    import copy
+
+    gen = GenerationConfig(max_new_tokens=8, steps=3, guidance=2.0, seed=1)
+    ref = list(TextGenerator(model).stream(PROMPTS, gen))
+    half = copy.deepcopy(model).to(torch.bfloat16)
+    out = list(TextGenerator(half).stream(PROMPTS, gen))
+    assert len(out) == len(ref)
+    for o, r in zip(out, ref):
+        assert o.latents.dtype == torch.float32  # the ODE state stays fp32
+        assert (o.latents - r.latents).abs().max() <= 0.05 * r.latents.abs().max()

@@ -145,3 +145,21 @@ def test_cache_buffers_grow_and_match_a_presized_cache():
             assert cache.length == 24 and cache.k[0].shape[2] >= 24
             outs.append(torch.cat(res, 1))
     assert (outs[0] - outs[1]).abs().max().item() <= 1e-6 and outs[0].abs().max() > 1e-2
+
+
+def test_exact_gelu_option_round_trips_and_stays_close_to_tanh(tmp_path):
+    tanh = random_dit(seed=11)
+    exact = DiT(modalities={"text": 8}, width=32, depth=3, heads=2, attn_backend="sdpa",
+                act="gelu").eval()
+    exact.load_state_dict(tanh.state_dict())
+    exact.save_pretrained(tmp_path / "dit")
+    loaded = DiT.from_pretrained(tmp_path / "dit", low_cpu_mem_usage=False).eval()
+    assert loaded.config.act == "gelu" and tanh.config.act == "gelu_tanh"
+    z, t = torch.randn(2, 8, 8), torch.rand(2, 8)
+    mod, pos = torch.zeros(2, 8, dtype=torch.long), torch.arange(8).expand(2, 8)
+    with torch.no_grad():
+        a, b, c = (m(z, t, mod, pos, None) for m in (tanh, exact, loaded))
+    assert torch.equal(b, c) and not torch.equal(a, b)
+    assert (a - b).abs().max() <= 0.01 * a.abs().max()
+    with pytest.raises(ValueError, match="activation"):
+        DiT(act="relu6")

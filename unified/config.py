@@ -29,6 +29,7 @@ class VAEConfig:
     dec_layers: int = 2
     heads: int = 4
     mlp_ratio: float = 4.0
+    act: str = "gelu_tanh"  # MLP activation: "gelu_tanh" or "gelu" (exact; faster on CPUs)
 
 
 @dataclass
@@ -38,6 +39,7 @@ class PriorConfig:
     heads: int = 4
     mlp_ratio: float = 4.0
     attn_backend: str = "auto"
+    act: str = "gelu_tanh"  # MLP activation: "gelu_tanh" or "gelu" (exact; faster on CPUs)
 
 
 @dataclass

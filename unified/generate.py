@@ -201,22 +201,34 @@ def next_position(segments: list[Segment]) -> int:
 
 
 class _CachedPrior:
-    """KV-cached prior state. Rows [0, B) are the conditional branch, [B, 2B) unconditional."""
+    """KV-cached prior state. Rows [0, B) are the conditional branch; the unconditional branch
+    follows as rows [B, B + U) for the U rows whose condition has a droppable part. A row
+    without one (e.g. a prompt shorter than a block) would compute exactly its conditional
+    output again, so it gets no unconditional row: its CFG combination is its conditional
+    velocity."""
 
     def __init__(self, prior, prefix: Prefix, guidance: float):
         self.prior, self.guidance = prior, guidance
-        self.branches = 1 if guidance == 1.0 else 2
         self.nfe = 0
         self.cache = prior.new_cache()
         self.pending: tuple | None = None  # a finished block awaiting its commit pass
-        rep = self.branches
-        self.key_valid = torch.cat([prefix.valid, prefix.valid & ~prefix.droppable][:rep])
+        droppable = (prefix.valid & prefix.droppable).any(1)  # [B]
+        self.uncond = droppable.nonzero()[:, 0] if guidance != 1.0 else droppable.new_zeros(
+            0, dtype=torch.long)
+        u = self.uncond
+        self.key_valid = torch.cat([prefix.valid, (prefix.valid & ~prefix.droppable)[u]])
         if prefix.length:
-            masks = [prefix.layout(dropped=d).attention_mask() for d in (False, True)[:rep]]
-            prior(prefix.z.repeat(rep, 1, 1), torch.zeros(self.key_valid.shape, device=prefix.z.device),
-                  prefix.modality.repeat(rep, 1), prefix.positions.repeat(rep, 1, 1),
-                  torch.cat(masks), cache=self.cache, commit=True)
+            masks = [prefix.layout(dropped=False).attention_mask()]
+            if len(u):
+                masks.append(prefix.layout(dropped=True).attention_mask()[u])
+            prior(self._rows(prefix.z), torch.zeros(self.key_valid.shape, device=prefix.z.device),
+                  self._rows(prefix.modality), self._rows(prefix.positions), torch.cat(masks),
+                  cache=self.cache, commit=True)
             self.nfe += 1
+
+    def _rows(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, ...] -> [B + U, ...]: the conditional rows, then the unconditional ones."""
+        return torch.cat([x, x[self.uncond]]) if len(self.uncond) else x
 
     def _mask(self, n_pending: int, n_new: int) -> torch.Tensor:
         """Keys: the cache (valid per row) + [the pending clean block] + the noisy block. The
@@ -230,7 +242,7 @@ class _CachedPrior:
 
     def velocity(self, z, t, modality, pos):
         """One fused call for both CFG branches; the pending commit pass rides along."""
-        rep, b = self.branches, z.shape[0]
+        b = z.shape[0]
         n_p = 0
         if self.pending is not None:
             zp, mp, pp = self.pending
@@ -238,17 +250,18 @@ class _CachedPrior:
             z = torch.cat([zp, z], 1)
             t = torch.cat([torch.zeros(zp.shape[:2], device=zp.device), t], 1)
             modality, pos = torch.cat([mp, modality], 1), torch.cat([pp, pos], 1)
-        v = self.prior(z.repeat(rep, 1, 1), t.repeat(rep, 1), modality.repeat(rep, 1),
-                       pos.repeat(rep, 1, 1), self._mask(n_p, z.shape[1] - n_p),
-                       cache=self.cache, commit=n_p if n_p else False)[:, n_p:]
+        v = self.prior(self._rows(z), self._rows(t), self._rows(modality), self._rows(pos),
+                       self._mask(n_p, z.shape[1] - n_p), cache=self.cache,
+                       commit=n_p if n_p else False)[:, n_p:].float()
         self.nfe += 1
         if n_p:
             self.pending = None
             self.key_valid = torch.cat([self.key_valid, torch.ones(
-                rep * b, n_p, dtype=torch.bool, device=z.device)], 1)
-        if rep == 1:
+                self.key_valid.shape[0], n_p, dtype=torch.bool, device=z.device)], 1)
+        if not len(self.uncond):
             return v
-        v_cond, v_uncond = v.chunk(2)
+        v_cond, v_uncond = v[:b], v[:b].clone()
+        v_uncond[self.uncond] = v[b:]
         return cfg_combine(v_cond, v_uncond, self.guidance)
 
     def commit(self, z, modality, pos) -> None:
@@ -285,7 +298,7 @@ class _ReferencePrior:
         for dropped in (False, True)[: self.branches]:
             lay = self._layout(z, t, modality, pos, dropped)
             v = self.prior(lay.z, lay.t, lay.modality, lay.positions, lay.attention_mask())
-            outs.append(v[:, -z.shape[1]:])
+            outs.append(v[:, -z.shape[1]:].float())
             self.nfe += 1
         return outs[0] if len(outs) == 1 else cfg_combine(outs[0], outs[1], self.guidance)
 

@@ -65,7 +65,7 @@ def build_vae(cfg: ColaConfig, tokenizer) -> TextVAE:
                    mask_token_id=tokenizer.mask_token_id, latent_dim=v.latent_dim,
                    patch_size=v.patch_size, width=v.width, enc_layers=v.enc_layers,
                    dec_layers=v.dec_layers, heads=v.heads, mlp_ratio=v.mlp_ratio,
-                   max_len=cfg.data.seq_len)
+                   max_len=cfg.data.seq_len, act=v.act)
 
 
 def build_image_vae(cfg: ColaConfig):
@@ -83,7 +83,7 @@ def build_prior(cfg: ColaConfig, latent_dim: int, image_token_dim: int | None = 
     if image_token_dim is not None:
         modalities["image"] = image_token_dim
     return DiT(modalities=modalities, width=p.width, depth=p.depth, heads=p.heads,
-               mlp_ratio=p.mlp_ratio, attn_backend=p.attn_backend,
+               mlp_ratio=p.mlp_ratio, attn_backend=p.attn_backend, act=p.act,
                rope_axes=2 if image_token_dim is not None else 1)
 
 

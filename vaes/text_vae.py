@@ -42,10 +42,15 @@ def causal_mask(q_sample, q_pos, k_sample, k_pos) -> torch.Tensor:
     return m | ~m.any(-1, keepdim=True)
 
 
+# MLP activations: "gelu_tanh" is what models saved before `act` existed use; "gelu" (exact,
+# erf) is the same curve within 1e-3 and several times faster on CPUs
+ACTIVATIONS = {"gelu_tanh": lambda: nn.GELU(approximate="tanh"), "gelu": nn.GELU}
+
+
 class CausalBlock(nn.Module):
     """Pre-norm transformer block whose attention can extend a past of cached keys/values."""
 
-    def __init__(self, width: int, heads: int, mlp_ratio: float):
+    def __init__(self, width: int, heads: int, mlp_ratio: float, act: str = "gelu_tanh"):
         super().__init__()
         self.heads = heads
         self.norm1 = nn.LayerNorm(width)
@@ -53,7 +58,7 @@ class CausalBlock(nn.Module):
         self.proj = nn.Linear(width, width)
         self.norm2 = nn.LayerNorm(width)
         hidden = int(width * mlp_ratio)
-        self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(approximate="tanh"),
+        self.mlp = nn.Sequential(nn.Linear(width, hidden), ACTIVATIONS[act](),
                                  nn.Linear(hidden, width))
 
     def forward(self, x, mask, past: tuple | None = None):
@@ -88,16 +93,21 @@ class TextVAE(ModelMixin, ConfigMixin):
         logvar_max: float = 2.0,
         latent_shift: list[float] | None = None,
         latent_scale: list[float] | None = None,
+        act: str = "gelu_tanh",
     ):
         super().__init__()
         if max_len % patch_size:
             raise ValueError("max_len must be a multiple of patch_size")
+        if act not in ACTIVATIONS:
+            raise ValueError(f"unknown activation {act!r}; choose one of {sorted(ACTIVATIONS)}")
         self.tok_embed = nn.Embedding(vocab_size, width)  # includes the [MASK] row
-        self.encoder = nn.ModuleList(CausalBlock(width, heads, mlp_ratio) for _ in range(enc_layers))
+        self.encoder = nn.ModuleList(CausalBlock(width, heads, mlp_ratio, act)
+                                     for _ in range(enc_layers))
         self.enc_norm = nn.LayerNorm(width)
         self.to_moments = nn.Linear(patch_size * width, 2 * latent_dim)
         self.from_latent = nn.Linear(latent_dim, width)
-        self.decoder = nn.ModuleList(CausalBlock(width, heads, mlp_ratio) for _ in range(dec_layers))
+        self.decoder = nn.ModuleList(CausalBlock(width, heads, mlp_ratio, act)
+                                     for _ in range(dec_layers))
         self.dec_norm = nn.LayerNorm(width)
         self.head = nn.Linear(width, patch_size * vocab_size)
         shift = torch.tensor(latent_shift if latent_shift is not None else [0.0] * latent_dim)
@@ -166,7 +176,8 @@ class TextVAE(ModelMixin, ConfigMixin):
     def encode(self, input_ids, sample_ids, positions):
         """q_phi(z0 | x): mean, logvar [B, L / p, d] (logvar clamped)."""
         cfg = self.config
-        h = self.tok_embed(input_ids) + sinusoidal_positions(positions, cfg.width)  # [B, L, W]
+        h = self.tok_embed(input_ids)
+        h = h + sinusoidal_positions(positions, cfg.width).to(h.dtype)  # [B, L, W]
         mask = causal_mask(sample_ids, positions, sample_ids, positions)  # [B, L, L]
         for blk in self.encoder:
             h, _ = blk(h, mask)  # [B, L, W]
@@ -182,7 +193,8 @@ class TextVAE(ModelMixin, ConfigMixin):
         returns (logits, new_past) where new_past covers past + these latents.
         """
         cfg = self.config
-        h = self.from_latent(z) + sinusoidal_positions(lat_positions, cfg.width)  # [B, Lz, W]
+        h = self.from_latent(z.to(self.from_latent.weight.dtype))  # (a bf16 copy takes fp32 z)
+        h = h + sinusoidal_positions(lat_positions, cfg.width).to(h.dtype)  # [B, Lz, W]
         k_sample, k_pos = lat_sample_ids, lat_positions
         if past is not None:
             k_sample = torch.cat([past_sample_ids, lat_sample_ids], 1)
