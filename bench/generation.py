@@ -36,13 +36,13 @@ VOCAB = 8192
 PROMPT = ("the value of the function is returned when the file is opened and read " * 4)[:150]
 
 
-def build_cola(context: int, tokenizer=None) -> ColaModel:
+def build_cola(context: int, tokenizer=None, act: str = "gelu_tanh") -> ColaModel:
     torch.manual_seed(0)
     tok = tokenizer or load_tokenizer(DEFAULT_CHECKPOINT / "tokenizer")
     vae = TextVAE(vocab_size=VOCAB, width=512, enc_layers=2, dec_layers=2, heads=8,
-                  max_len=context)
+                  max_len=context, act=act)
     vae.set_latent_stats(torch.zeros(16), torch.ones(16))
-    dit = DiT(modalities={"text": 16}, width=512, depth=8, heads=8, attn_backend="sdpa")
+    dit = DiT(modalities={"text": 16}, width=512, depth=8, heads=8, attn_backend="sdpa", act=act)
     with torch.no_grad():
         for p in dit.parameters():  # off AdaLN-zero so the DiT does real work
             p.add_(torch.randn_like(p) * 0.02)
@@ -84,7 +84,11 @@ def main() -> None:
                     help="batches at which the slow no-cache reference is also timed")
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--guidance", type=float, default=5.0)
-    ap.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
+    ap.add_argument("--dtype", choices=["bf16", "bf16w", "fp32"], default="bf16",
+                    help="bf16: autocast over fp32 weights; bf16w: both models' weights cast "
+                         "to bf16 (no autocast); fp32")
+    ap.add_argument("--act", choices=["gelu_tanh", "gelu"], default="gelu_tanh",
+                    help="Cola's MLP activation (the AR's is Llama's SiLU)")
     ap.add_argument("--profile", action="store_true",
                     help="print torch.profiler tables of one Cola and one AR run per batch")
     args = ap.parse_args()
@@ -92,15 +96,18 @@ def main() -> None:
            else nullcontext())
     tok = load_tokenizer(DEFAULT_CHECKPOINT / "tokenizer")
     prompt = prompt_ids(tok, PROMPT)  # both models get these ids ([bos] + the prompt's)
-    cola = build_cola(context=len(prompt) + max(args.tokens) + 16, tokenizer=tok)
+    cola = build_cola(context=len(prompt) + max(args.tokens) + 16, tokenizer=tok, act=args.act)
     n_cola = sum(p.numel() for p in cola.parameters())
     ar = build_ar(n_cola, tok)
     n_ar = ar.num_parameters()
+    if args.dtype == "bf16w":
+        cola.to(torch.bfloat16)
+        ar.to(torch.bfloat16)
     engine = TextGenerator(cola)
     n_dit = sum(p.numel() for p in cola.prior.parameters())
     print(f"Cola {n_cola / 1e6:.1f}M params (DiT {n_dit / 1e6:.1f}M, Text VAE "
           f"{(n_cola - n_dit) / 1e6:.1f}M), AR {n_ar / 1e6:.1f}M params "
-          f"({ar.net.config.num_hidden_layers} layers, {n_ar / n_cola:.2f}x); {args.dtype}, "
+          f"({ar.net.config.num_hidden_layers} layers, {n_ar / n_cola:.2f}x); {args.dtype}, act {args.act}, "
           f"{torch.get_num_threads()} threads, {args.steps} steps/block, CFG {args.guidance}, "
           f"block 16, {len(prompt)}-token prompt")
     print(f"{'tokens':>7}{'batch':>6}{'Cola':>10}{'no cache':>10}{'AR':>10}{'Cola/AR':>9}"
