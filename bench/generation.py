@@ -89,6 +89,8 @@ def main() -> None:
                          "to bf16 (no autocast); fp32")
     ap.add_argument("--act", choices=["gelu_tanh", "gelu"], default="gelu_tanh",
                     help="Cola's MLP activation (the AR's is Llama's SiLU)")
+    ap.add_argument("--compile", action="store_true",
+                    help="torch.compile the DiT blocks' element-wise regions (DiT.compile_blocks)")
     ap.add_argument("--profile", action="store_true",
                     help="print torch.profiler tables of one Cola and one AR run per batch")
     args = ap.parse_args()
@@ -104,10 +106,17 @@ def main() -> None:
         cola.to(torch.bfloat16)
         ar.to(torch.bfloat16)
     engine = TextGenerator(cola)
+    if args.compile:
+        cola.prior.compile_blocks()
+        t0 = time.perf_counter()
+        with torch.no_grad(), amp:
+            list(engine.stream([PROMPT], GenerationConfig(max_new_tokens=32, steps=2)))
+        print(f"compiled the DiT blocks in {time.perf_counter() - t0:.0f} s")
     n_dit = sum(p.numel() for p in cola.prior.parameters())
     print(f"Cola {n_cola / 1e6:.1f}M params (DiT {n_dit / 1e6:.1f}M, Text VAE "
           f"{(n_cola - n_dit) / 1e6:.1f}M), AR {n_ar / 1e6:.1f}M params "
-          f"({ar.net.config.num_hidden_layers} layers, {n_ar / n_cola:.2f}x); {args.dtype}, act {args.act}, "
+          f"({ar.net.config.num_hidden_layers} layers, {n_ar / n_cola:.2f}x); {args.dtype}, act "
+          f"{args.act}{', compiled' if args.compile else ''}, "
           f"{torch.get_num_threads()} threads, {args.steps} steps/block, CFG {args.guidance}, "
           f"block 16, {len(prompt)}-token prompt")
     print(f"{'tokens':>7}{'batch':>6}{'Cola':>10}{'no cache':>10}{'AR':>10}{'Cola/AR':>9}"

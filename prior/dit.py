@@ -120,16 +120,13 @@ class Attention(nn.Module):
             qk = F.rms_norm(qk, (self.head_dim,), eps=self.q_norm.eps) * w
         return apply_rope(qk, *rope)
 
-    def forward(self, x, rope, mask, backend, cache: KVCache | None, layer: int, commit):
-        b, n, w = x.shape
-        qkv = self.qkv(x).view(b, n, 3, self.heads, self.head_dim)
+    def project(self, h: torch.Tensor, rope) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k, v [B, H, L, Dh] of h [B, L, W] (q and k normalized and rotated)."""
+        b, n, _ = h.shape
+        qkv = self.qkv(h).view(b, n, 3, self.heads, self.head_dim)
         v = qkv[:, :, 2].transpose(1, 2)  # [B, H, L, Dh]
         q, k = self._qk(qkv[:, :, :2], rope).to(v.dtype).permute(2, 0, 3, 1, 4).unbind(0)
-        if cache is not None:  # commit=True: keep every token of this call; an int n: its first n
-            keep = n if commit is True else int(commit)
-            k, v = cache.extend(layer, k, v, keep)  # [B, H, Lc + L, Dh]: the cache + this call
-        out = attention(q, k, v, mask, backend)  # [B, H, L, Dh]
-        return self.proj(out.transpose(1, 2).reshape(b, n, w))
+        return q, k, v
 
 
 # MLP activations. "gelu_tanh" (DiT's) is what models saved before `act` existed use; "gelu"
@@ -146,18 +143,30 @@ class DiTBlock(nn.Module):
         self.norm2 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
         self.mlp = Mlp(width, int(width * mlp_ratio), act_layer=ACTIVATIONS[act])
         self.mod_offset = nn.Parameter(torch.zeros(6, width))  # per-layer AdaLN-single offsets
+        self.compiled: tuple | None = None  # (pre, post) compiled by DiT.compile_blocks
 
-    def forward(self, x, mod, rope, mask, backend, cache, layer, commit):
-        # mod = (table [U, 6, W], index [B, L] or None): the shared modulation of each distinct
-        # time (1 already added to its two scale rows), or of each token when index is None.
-        # modulate(x) = x * (1 + scale) + shift = addcmul(shift, x, 1 + scale)
-        table, index = mod
+    def pre(self, x, table, index, rope):
+        """Up to attention: modulated norm, then q, k, v ([B, H, L, Dh] each); also returns the
+        modulation the rest of the block uses. table [U, 6, W], index [B, L] or None: the shared
+        AdaLN-single modulation of each distinct time (1 already added to its two scale rows),
+        or of each token when index is None. modulate(x) = x * (1 + scale) + shift."""
         m = table + self.mod_offset  # [U, 6, W]: this layer's offsets
         sh1, sc1, g1, sh2, sc2, g2 = (m if index is None else m[index]).unbind(-2)  # [B, L, W]
-        h = torch.addcmul(sh1, self.norm1(x), sc1)
-        x = torch.addcmul(x, g1, self.attn(h, rope, mask, backend, cache, layer, commit))  # [B, L, W]
-        x = torch.addcmul(x, g2, self.mlp(torch.addcmul(sh2, self.norm2(x), sc2)))  # [B, L, W]
-        return x
+        q, k, v = self.attn.project(torch.addcmul(sh1, self.norm1(x), sc1), rope)
+        return q, k, v, (g1, sh2, sc2, g2)
+
+    def post(self, x, out, g1, sh2, sc2, g2):
+        """After attention (out [B, H, L, Dh]): projection, gated residual, modulated MLP."""
+        x = torch.addcmul(x, g1, self.attn.proj(out.transpose(1, 2).flatten(2)))  # [B, L, W]
+        return torch.addcmul(x, g2, self.mlp(torch.addcmul(sh2, self.norm2(x), sc2)))
+
+    def forward(self, x, mod, rope, mask, backend, cache, layer, commit):
+        pre, post = self.compiled or (DiTBlock.pre, DiTBlock.post)
+        q, k, v, rest = pre(self, x, *mod, rope)
+        if cache is not None:  # commit=True: keep every token of this call; an int n: its first n
+            keep = x.shape[1] if commit is True else int(commit)
+            k, v = cache.extend(layer, k, v, keep)  # [B, H, Lc + L, Dh]: the cache + this call
+        return post(self, x, attention(q, k, v, mask, backend), *rest)  # [B, L, W]
 
 
 class DiT(ModelMixin, ConfigMixin):
@@ -230,6 +239,16 @@ class DiT(ModelMixin, ConfigMixin):
 
     def set_backend(self, name: str) -> None:
         self._backend = resolve_backend(name, self.device)
+
+    def compile_blocks(self, **options) -> None:
+        """torch.compile every block's pre- and post-attention regions (fusing the AdaLN,
+        norm, QK-norm, RoPE, GELU and residual element-wise chains). One compiled function
+        serves all layers; attention and the KV cache stay eager, so a growing cache never
+        recompiles. `options` go to torch.compile (default dynamic=True)."""
+        options = {"dynamic": True, **options}
+        regions = (torch.compile(DiTBlock.pre, **options), torch.compile(DiTBlock.post, **options))
+        for blk in self.blocks:
+            blk.compiled = regions
 
     def new_cache(self, capacity: int = 0) -> KVCache:
         return KVCache(self.config.depth, capacity)

@@ -163,3 +163,23 @@ def test_exact_gelu_option_round_trips_and_stays_close_to_tanh(tmp_path):
     assert (a - b).abs().max() <= 0.01 * a.abs().max()
     with pytest.raises(ValueError, match="activation"):
         DiT(act="relu6")
+
+
+def test_compiled_blocks_equal_eager():
+    """DiT.compile_blocks traces the pre/post-attention regions (dynamic shapes; the eager
+    backend here keeps the test fast, inductor is what bench/generation.py --compile times)."""
+    import copy
+
+    dit = random_dit(seed=13)
+    compiled = copy.deepcopy(dit)
+    compiled.compile_blocks(backend="eager")
+    torch.manual_seed(4)
+    n, bs = 12, 4
+    z0, zt = torch.randn(2, n, 8), torch.randn(2, n, 8)
+    pos = torch.arange(n).expand(2, n)
+    t_tok = torch.rand(2, n // bs).repeat_interleave(bs, 1)
+    with torch.no_grad():
+        ref = cached_blockwise(dit, z0, zt, t_tok, pos, bs)
+        got = cached_blockwise(compiled, z0, zt, t_tok, pos, bs)
+        two_l = two_l_noisy_out(compiled, z0, zt, t_tok, pos, bs)
+    assert (ref - got).abs().max().item() <= 1e-5 and (ref - two_l).abs().max().item() <= 1e-5
