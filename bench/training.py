@@ -155,6 +155,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=5, help="timed steps (after as many warm-up)")
     ap.add_argument("--data", default="data/stdlib/train")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--compile", action="store_true",
+                    help="Cola: torch.compile the prior's blocks (DiT.compile_blocks)")
     ap.add_argument("--profile", action="store_true")
     args = ap.parse_args()
     peaks = {p: peak_matmul(torch.bfloat16 if p == "bf16" else torch.float32)
@@ -171,6 +173,8 @@ def main() -> None:
         for kind in args.kinds:
             with tempfile.TemporaryDirectory() as work:
                 tr = make_trainer(kind, args.preset, prec, args.data, Path(work), args.set)
+                if args.compile and kind == "cola":
+                    tr.model.prior.compile_blocks()
                 r = measure(tr, args.steps, args.profile)
             rate = r["flops"] / r["compute_s"]
             name = "cola s2" if kind == "cola" else kind
