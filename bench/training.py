@@ -109,13 +109,15 @@ def compute_step(tr: Trainer, micro) -> None:
     tr.optimizer.step()
 
 
-def measure(tr: Trainer, steps: int, profile: bool) -> dict:
+def measure(tr: Trainer, steps: int, profile: bool, compile_prior: bool = False) -> dict:
     trainable = [p for p in tr.model.parameters() if p.requires_grad]
     micro = next(tr._batches())
     tokens = sum(int((mb["text"]["sample_ids"] >= 0).sum()) for mb in micro)
-    with FlopCounterMode(display=False) as fc:
+    with FlopCounterMode(display=False) as fc:  # counted eagerly: compiled kernels hide ops
         tr._step(micro)
     flops = fc.get_total_flops()
+    if compile_prior:
+        tr.model.prior.compile_blocks()
     # whole trainer steps (data loading included): the median interval between optimizer
     # steps over the second half of 2 x `steps` (the first half warms up)
     stamps, step = [], tr.optimizer.step
@@ -173,9 +175,7 @@ def main() -> None:
         for kind in args.kinds:
             with tempfile.TemporaryDirectory() as work:
                 tr = make_trainer(kind, args.preset, prec, args.data, Path(work), args.set)
-                if args.compile and kind == "cola":
-                    tr.model.prior.compile_blocks()
-                r = measure(tr, args.steps, args.profile)
+                r = measure(tr, args.steps, args.profile, args.compile and kind == "cola")
             rate = r["flops"] / r["compute_s"]
             name = "cola s2" if kind == "cola" else kind
             print(f"{name:<8}{prec:>6}{r['params'] / 1e6:>8.1f}M{r['flops'] / 1e9:>12.1f}"
