@@ -63,6 +63,23 @@ def build_ar(n_params: int, tokenizer) -> ARModel:
     return model.eval()
 
 
+@torch.no_grad()
+def ar_plain_loop(ar: ARModel, ids: list[list[int]], n: int) -> torch.Tensor:
+    """Greedy KV-cached decoding in a bare loop over the AR's forward (no transformers
+    `generate` machinery): a lower bound on what the AR's decoding needs (equal-length
+    prompts, EOS never chosen)."""
+    x = torch.tensor(ids)
+    out = ar.net(input_ids=x, use_cache=True)
+    new = []
+    for _ in range(n):
+        logits = out.logits[:, -1]
+        logits[:, ar.tokenizer.eos_token_id] = float("-inf")
+        nxt = logits.argmax(-1, keepdim=True)
+        new.append(nxt)
+        out = ar.net(input_ids=nxt, past_key_values=out.past_key_values, use_cache=True)
+    return torch.cat(new, 1)
+
+
 def median_time(fn, warm, min_runs: int = 1, max_runs: int = 3, budget_s: float = 4.0) -> float:
     """Median wall time of fn() after one (short) warm-up call: min_runs, then more while the
     budget lasts (at most max_runs)."""
@@ -91,6 +108,8 @@ def main() -> None:
                     help="Cola's MLP activation (the AR's is Llama's SiLU)")
     ap.add_argument("--compile", action="store_true",
                     help="torch.compile the DiT blocks' element-wise regions (DiT.compile_blocks)")
+    ap.add_argument("--ar-plain", action="store_true",
+                    help="also time the AR in a bare KV-cached loop (no transformers generate)")
     ap.add_argument("--profile", action="store_true",
                     help="print torch.profiler tables of one Cola and one AR run per batch")
     args = ap.parse_args()
@@ -120,7 +139,8 @@ def main() -> None:
           f"{torch.get_num_threads()} threads, {args.steps} steps/block, CFG {args.guidance}, "
           f"block 16, {len(prompt)}-token prompt")
     print(f"{'tokens':>7}{'batch':>6}{'Cola':>10}{'no cache':>10}{'AR':>10}{'Cola/AR':>9}"
-          f"{'cache/no cache':>16}")
+          f"{'cache/no cache':>16}" + (f"{'AR loop':>10}{'Cola/AR loop':>14}" if args.ar_plain
+                                       else ""))
     results = {}
     for n in args.tokens:
         for b in args.batch:
@@ -149,8 +169,15 @@ def main() -> None:
                                    max_runs=1)
             tps = [n * b / t for t in (t_cola, t_nc, t_ar)]
             results[n, b] = tps
+            extra = ""
+            if args.ar_plain:
+                def run_plain(n_new=n, ids=ids):
+                    with amp:
+                        assert ar_plain_loop(ar, ids, n_new).shape == (len(ids), n_new)
+                plain = n * b / median_time(run_plain, lambda: run_plain(n_new=32))
+                extra = f"{plain:>10.1f}{tps[0] / plain:>14.2f}"
             print(f"{n:>7}{b:>6}{tps[0]:>10.1f}{tps[1]:>10.1f}{tps[2]:>10.1f}"
-                  f"{tps[0] / tps[2]:>9.2f}{tps[0] / tps[1]:>16.2f}", flush=True)
+                  f"{tps[0] / tps[2]:>9.2f}{tps[0] / tps[1]:>16.2f}{extra}", flush=True)
     print("(tokens/s, median of up to 3 runs; the ratios compare figures of this run)")
     check_targets(results)
 
