@@ -72,15 +72,16 @@ def peak_matmul(dtype: torch.dtype, sizes=(1024, 2048, 4096), seconds: float = 1
 
 
 def make_trainer(kind: str, preset: str, precision: str, data: str, work: Path,
-                 overrides: list[str]) -> Trainer:
-    """A Trainer of `kind` on the preset, with the bundled tokenizer (no BPE training)."""
+                 overrides: list[str], tokenizer: str) -> Trainer:
+    """A Trainer of `kind` on the preset with a given tokenizer (no BPE training): the
+    vocabulary is the tokenizer's, whatever the preset's vocab_size says."""
     big = 10**9
     sets = [f'data.train="{data}"', "data.shuffle_buffer=100", *overrides]
     for st in ("stage1", "stage2"):
         sets += [f"{st}.steps={big}", f"{st}.log_every={big}", f"{st}.ckpt_every={big}",
                  f'{st}.precision="{precision}"', f'{st}.device="cpu"', f"{st}.ema_decay=0.0"]
     cfg = load_preset(preset, sets)
-    tok = load_tokenizer(DEFAULT_CHECKPOINT / "tokenizer")
+    tok = load_tokenizer(tokenizer)
     init = work / "init"
     ColaModel(build_vae(cfg, tok), None, tok).save_pretrained(init)  # a (random) stage-1 VAE
     if kind == "cola":
@@ -156,6 +157,8 @@ def main() -> None:
     ap.add_argument("--precision", nargs="+", default=["bf16", "fp32"], choices=["bf16", "fp32"])
     ap.add_argument("--steps", type=int, default=5, help="timed steps (after as many warm-up)")
     ap.add_argument("--data", default="data/stdlib/train")
+    ap.add_argument("--tokenizer", default=str(DEFAULT_CHECKPOINT / "tokenizer"),
+                    help="tokenizer folder (default: the bundled model's, 4096 tokens)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--compile", action="store_true",
                     help="Cola: torch.compile the prior's blocks (DiT.compile_blocks)")
@@ -174,7 +177,8 @@ def main() -> None:
     for prec in args.precision:
         for kind in args.kinds:
             with tempfile.TemporaryDirectory() as work:
-                tr = make_trainer(kind, args.preset, prec, args.data, Path(work), args.set)
+                tr = make_trainer(kind, args.preset, prec, args.data, Path(work), args.set,
+                                  args.tokenizer)
                 r = measure(tr, args.steps, args.profile, args.compile and kind == "cola")
             rate = r["flops"] / r["compute_s"]
             name = "cola s2" if kind == "cola" else kind
