@@ -129,7 +129,7 @@ class DiT(ModelMixin, ConfigMixin):
     @register_to_config
     def __init__(
         self,
-        modalities: dict[str, int] | None = None,
+        modalities: dict[str, int] | list[list] | None = None,
         width: int = 256,
         depth: int = 6,
         heads: int = 4,
@@ -140,7 +140,13 @@ class DiT(ModelMixin, ConfigMixin):
         attn_backend: str = "auto",
     ):
         super().__init__()
-        modalities = dict(modalities or {"text": 16})
+        # Modality ids are positions in this order (text 0, image 1, as unified/layout.py).
+        # Stored as a list of [name, dim] pairs: diffusers writes config.json with sorted keys,
+        # which would silently reorder a dict (and swap the projections) on reload.
+        pairs = list((modalities or {"text": 16}).items()) if isinstance(modalities, dict) or \
+            modalities is None else [tuple(m) for m in modalities]
+        self.register_to_config(modalities=[[name, int(d)] for name, d in pairs])
+        modalities = dict(pairs)
         if width % heads or (width // heads) % (2 * rope_axes):
             raise ValueError("width/heads must be divisible by 2 * rope_axes")
         self.modality_names = list(modalities)
