@@ -185,9 +185,11 @@ class Prefix:
         sample = torch.where(self.valid, 0, -1)
         meta = TokenMeta(sample, self.block, torch.zeros_like(self.valid))
         cd = torch.full_like(self.valid, dropped) & self.valid
+        # segment and loss mask play no part in the attention rule: placeholders
         return Layout(self.z, torch.zeros(self.valid.shape, device=self.z.device),
-                      self.modality, self.positions, meta, sample, self.droppable & self.valid,
-                      cd, torch.zeros_like(self.valid))
+                      self.modality, self.positions, meta, segment=sample,
+                      droppable=self.droppable & self.valid, cond_dropped=cd,
+                      loss_mask=torch.zeros_like(self.valid))
 
 
 def next_position(segments: list[Segment]) -> int:
@@ -265,20 +267,26 @@ class _ReferencePrior:
         self.nfe = 0
         self.hist = prefix  # grows by one block per commit
 
+    def _next_block(self, b: int, n: int, device) -> torch.Tensor:
+        """Block ids [B, n] of a new block: one past each row's last history block."""
+        h = self.hist
+        last = torch.where(h.valid, h.block, -1).amax(1, keepdim=True) if h.length else \
+            torch.full((b, 1), -1, device=device, dtype=torch.long)
+        return (last + 1).expand(b, n)
+
     def _layout(self, z, t, modality, pos, dropped: bool) -> Layout:
         h, (b, n) = self.hist, z.shape[:2]
         dev = z.device
-        last = torch.where(h.valid, h.block, -1).amax(1, keepdim=True) if h.length else \
-            torch.full((b, 1), -1, device=dev, dtype=torch.long)
         ones = torch.ones(b, n, dtype=torch.bool, device=dev)
         sample = torch.cat([torch.where(h.valid, 0, -1), torch.zeros_like(ones, dtype=torch.long)], 1)
-        meta = TokenMeta(sample, torch.cat([h.block, (last + 1).expand(b, n)], 1),
+        meta = TokenMeta(sample, torch.cat([h.block, self._next_block(b, n, dev)], 1),
                          torch.cat([torch.zeros_like(h.valid), ones], 1))
         valid = sample >= 0
+        # segment and loss mask play no part in the attention rule: placeholders
         return Layout(torch.cat([h.z, z], 1), torch.cat([torch.zeros(h.valid.shape, device=dev), t], 1),
                       torch.cat([h.modality, modality], 1), torch.cat([h.positions, pos], 1),
-                      meta, sample, torch.cat([h.droppable & h.valid, ~ones], 1),
-                      torch.full_like(valid, dropped) & valid, torch.cat([~h.valid, ones], 1))
+                      meta, segment=sample, droppable=torch.cat([h.droppable & h.valid, ~ones], 1),
+                      cond_dropped=torch.full_like(valid, dropped) & valid, loss_mask=valid)
 
     def velocity(self, z, t, modality, pos):
         outs = []
@@ -291,12 +299,10 @@ class _ReferencePrior:
 
     def commit(self, z, modality, pos) -> None:
         h, (b, n) = self.hist, z.shape[:2]
-        last = torch.where(h.valid, h.block, -1).amax(1, keepdim=True) if h.length else \
-            torch.full((b, 1), -1, device=z.device, dtype=torch.long)
         ones = torch.ones(b, n, dtype=torch.bool, device=z.device)
         self.hist = Prefix(torch.cat([h.z, z], 1), torch.cat([h.modality, modality], 1),
                            torch.cat([h.positions, pos], 1),
-                           torch.cat([h.block, (last + 1).expand(b, n)], 1),
+                           torch.cat([h.block, self._next_block(b, n, z.device)], 1),
                            torch.cat([h.valid, ones], 1), torch.cat([h.droppable, ~ones], 1))
 
 

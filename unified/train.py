@@ -19,6 +19,7 @@ and data position, so a resumed run continues the same loss sequence (tests/test
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -90,11 +91,14 @@ class Trainer:
             raise ValueError("stage 2 starts from a stage-1 model: pass init=<folder>")
         self.cfg, self.stage, self.out = cfg, stage, Path(out_dir)
         self.tcfg: TrainConfig = cfg.stage1 if stage == 1 else cfg.stage2
+        self.data = dataclasses.replace(cfg.data, **{  # this stage's batch sizes
+            k: getattr(self.tcfg, k) for k in ("batch_size", "pair_batch_size")
+            if getattr(self.tcfg, k) is not None})
         if cfg.data.pairs and tasks is None:
             raise ValueError("data.pairs is set: pass tasks= (e.g. tasks.TaskMixture(cfg)), "
                              "which turns image-text records into task samples")
         self.tasks = tasks if cfg.data.pairs else None
-        if self.tasks is not None and cfg.data.pair_batch_size < 1:
+        if self.tasks is not None and self.data.pair_batch_size < 1:
             raise ValueError("data.pairs is set but data.pair_batch_size is 0")
         self.device = resolve_device(self.tcfg.device)
         self.dist = dist_utils.init_distributed(self.device.type)
@@ -102,13 +106,13 @@ class Trainer:
             self.device = torch.device("cuda", self.dist.local_rank)
         per_step = self.dist.world * cfg.optim.grad_accum
         for key in ("batch_size", "pair_batch_size"):
-            if getattr(cfg.data, key) % per_step:
-                raise ValueError(f"data.{key} {getattr(cfg.data, key)} (global) must be a "
+            if getattr(self.data, key) % per_step:
+                raise ValueError(f"data.{key} {getattr(self.data, key)} (global) must be a "
                                  f"multiple of world size x grad_accum = {per_step}")
-        self.micro_rows = cfg.data.batch_size // per_step
-        self.micro_pairs = cfg.data.pair_batch_size // per_step
+        self.micro_rows = self.data.batch_size // per_step
+        self.micro_pairs = self.data.pair_batch_size // per_step
         self.out.mkdir(parents=True, exist_ok=True)
-        self.train_urls = expand_urls(cfg.data.train) if cfg.data.batch_size else []
+        self.train_urls = expand_urls(cfg.data.train) if self.data.batch_size else []
         self.skips = SkipCounter()
         torch.manual_seed(self.tcfg.seed)
 
@@ -303,7 +307,7 @@ class Trainer:
     def _global_batches(self, tokenizer, seed: int, patch_size: int):
         """The deterministic global stream (the same on every rank): per step, "text" (the
         global batch of packed prose rows) and "pairs" (the global list of task samples)."""
-        d = self.cfg.data
+        d = self.data
         texts = text_batches(self.train_urls, tokenizer, seq_len=d.seq_len,
                              batch_size=d.batch_size, seed=seed, resample=True, skips=self.skips,
                              shuffle_buffer=d.shuffle_buffer,
