@@ -5,12 +5,9 @@ block by block."""
 
 from __future__ import annotations
 
-import random
-
 import torch
 
-from tasks.base import encode_conditions
-from unified.config import TasksConfig
+from tasks.base import SampleContext, encode_conditions
 from unified.data import TaskSample
 from unified.generate import GenerationConfig, TextGenerator
 from unified.layout import MODALITY_IMAGE, MODALITY_TEXT, ONE_BLOCK, SEG_I, SEG_N, SEG_P, SegmentSpec
@@ -32,22 +29,24 @@ def recipe(prompt: int) -> list[SegmentSpec]:
 class ImageToText:
     name = NAME
 
-    def training_sample(self, record: dict, tokenizer, rng: random.Random, cfg: TasksConfig,
-                        max_len: int) -> TaskSample:
+    def training_sample(self, record: dict, ctx: SampleContext) -> TaskSample:
         """Caption the image, or (share `question_prob`, when the record carries a shapes
         scene) answer a question about it; a share `caption_prefix_prob` of samples give a
-        random prefix of the answer, so continuing a user's caption is learned too."""
+        random prefix of the answer, so continuing a user's caption is learned too. The
+        answer is padded to whole blocks, as generation fills them."""
+        cfg, rng, tok = ctx.cfg, ctx.rng, ctx.tokenizer
         instruction, answer = INSTRUCTION, record["caption"]
         scene = record.get("meta")
         if cfg.question_prob > 0 and scene and rng.random() < cfg.question_prob:
             from tasks.shapes import Scene, questions
 
             instruction, answer = rng.choice(questions(Scene.from_json(scene)))
-        ids = encode_piece(tokenizer, answer, max_len)
+        ids = encode_piece(tok, answer, ctx.max_len, pad_to=ctx.block_size)
+        n_real = ids.index(tok.eos_token_id) + 1
         prompt = 1  # [bos]
-        if len(ids) > 2 and rng.random() < cfg.caption_prefix_prob:
-            prompt = rng.randrange(1, len(ids) - 1)
-        return TaskSample(NAME, [encode_piece(tokenizer, instruction, max_len), ids],
+        if n_real > 2 and rng.random() < cfg.caption_prefix_prob:
+            prompt = rng.randrange(1, n_real - 1)
+        return TaskSample(NAME, [encode_piece(tok, instruction, ctx.max_len), ids],
                           [record["image"]], recipe(prompt), cfg.cond_drop_prob)
 
 

@@ -133,10 +133,15 @@ def test_pack_pieces_and_collate_reindex(unified_tokenizer):
     assert batch["images"][1].max() == 1 and batch["cond_drop"] == [0.1, 0.0, 0.1]
 
 
-def test_training_text_pieces_fit_and_decode(unified_tokenizer, data):
-    mix = TaskMixture(cfg(data, "tasks.question_prob=1.0"))
-    rng = random.Random(0)
-    for smp in [s for _, s in zip(range(40), mix.samples(unified_tokenizer, seed=rng.randrange(9)))]:
-        for ids in smp.texts:
-            assert ids[0] == unified_tokenizer.bos_token_id and ids[-1] == unified_tokenizer.eos_token_id
-            assert len(ids) <= 48
+def test_training_text_pieces_fit_and_answers_fill_whole_blocks(unified_tokenizer, data):
+    """Every piece is [bos] ... [eos]; a generated answer is padded after its EOS to whole
+    blocks, as generation fills them (block_size 4 in the tiny preset)."""
+    tok = unified_tokenizer
+    mix = TaskMixture(cfg(data, "tasks.question_prob=0.5"))
+    for smp in [s for _, s in zip(range(40), mix.samples(tok, seed=random.Random(0).randrange(9)))]:
+        for i, ids in enumerate(smp.texts):
+            assert ids[0] == tok.bos_token_id and len(ids) <= 48
+            end = ids.index(tok.eos_token_id)
+            assert set(ids[end + 1:]) <= {tok.pad_token_id}
+            answer = smp.task == "image_to_text" and i == 1
+            assert (len(ids) % 4 == 0) if answer else (end == len(ids) - 1)
