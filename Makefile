@@ -14,8 +14,9 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# The Gradio demo on the bundled checkpoint: http://127.0.0.1:7860 (Ctrl-C stops it).
 demo: $(STAMP)
-	$(BIN)/cola generate "The function returns" --max-new-tokens 64 --seed 0
+	GRADIO_ANALYTICS_ENABLED=False $(BIN)/cola demo
 
 test: $(STAMP)
 	GRADIO_ANALYTICS_ENABLED=False $(BIN)/python -m pytest tests

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from prior.attention import TokenMeta
-from prior.flow import SamplerConfig, cfg_combine, integrate
+from prior.flow import SamplerConfig, cfg_combine, check_int, check_real, integrate
 from unified.layout import (
     MODALITY_IMAGE,
     MODALITY_TEXT,
@@ -39,6 +39,8 @@ from unified.layout import (
     text_positions,
 )
 from unified.model import ColaModel
+
+MAX_SEED = 2**63 - 2  # the token generator is seeded with seed + 1
 
 
 def _check_sampler(steps, method, shift, guidance) -> SamplerConfig:
@@ -60,15 +62,13 @@ class GenerationConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if not (0.0 <= self.temperature <= 10.0):
-            raise ValueError(f"temperature must be in [0, 10], got {self.temperature}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
-        if not (0.0 < self.top_p <= 1.0):
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        _ = self.sampler
+        set_ = lambda k, v: object.__setattr__(self, k, v)  # a frozen dataclass
+        set_("max_new_tokens", check_int("max_new_tokens", self.max_new_tokens, 1, 1 << 20))
+        check_real("temperature", self.temperature, 0.0, 10.0)
+        set_("top_k", check_int("top_k", self.top_k, 0, 1 << 30))
+        check_real("top_p", self.top_p, 0.0, 1.0, low_open=True)
+        set_("seed", check_int("seed", self.seed, 0, MAX_SEED))
+        set_("steps", self.sampler.steps)
 
     @property
     def sampler(self) -> SamplerConfig:
@@ -86,7 +86,8 @@ class ImageGenerationConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        _ = self.sampler
+        object.__setattr__(self, "seed", check_int("seed", self.seed, 0, MAX_SEED))
+        object.__setattr__(self, "steps", self.sampler.steps)
 
     @property
     def sampler(self) -> SamplerConfig:
