@@ -29,7 +29,10 @@ from demo.examples import DemoExamples, load_examples
 from demo.handlers import Handlers
 from unified.pipeline import UnifiedPipeline
 
-CSS = ".pixelated img { image-rendering: pixelated; }"
+CSS = """
+.pixelated img { image-rendering: pixelated; }
+#i2t-image img { width: 100%; height: 100%; object-fit: contain; }
+"""
 
 
 @dataclass(frozen=True)
@@ -101,7 +104,7 @@ def _text_tab(h: Handlers, ex: DemoExamples, limits: Limits, d: Defaults, budget
             out = gr.Textbox(label="continuation", lines=6,
                              interactive=False, elem_id="t2t-output")
             stats = _stats("t2t")
-    with gr.Accordion("settings", open=False):
+    with gr.Accordion("settings", open=True):
         with gr.Row():
             knobs = _knobs("t2t", limits, d.text_steps, d.text_guidance, True,
                            (min(d.max_new_tokens, budget), budget))
@@ -117,7 +120,8 @@ def _caption_tab(h: Handlers, ex: DemoExamples, limits: Limits, d: Defaults, bud
     first = ex.images[0]
     with gr.Row():
         with gr.Column():
-            image = ImageUpload(value=str(first.path), label="image", height=256,
+            image = ImageUpload(value=str(first.path), type="filepath", image_mode=None,
+                                format="png", label="image", height=256,
                                 interactive=enabled, elem_id="i2t-image",
                                 elem_classes=["pixelated"])
             question = gr.Textbox(label="question (optional)", value=first.question,
@@ -131,7 +135,7 @@ def _caption_tab(h: Handlers, ex: DemoExamples, limits: Limits, d: Defaults, bud
             out = gr.Textbox(label="caption", lines=3, interactive=False,
                              elem_id="i2t-output")
             stats = _stats("i2t")
-    with gr.Accordion("settings", open=False):
+    with gr.Accordion("settings", open=True):
         with gr.Row():
             knobs = _knobs("i2t", limits, d.text_steps, d.text_guidance, True,
                            (min(d.max_new_tokens, budget), budget))
@@ -160,7 +164,7 @@ def _image_tab(h: Handlers, ex: DemoExamples, limits: Limits, d: Defaults, enabl
                 "(nearest neighbour); *real image* is the 32 x 32 output, to download.")
     strip = gr.Gallery(label="trajectory", columns=9, rows=1, height=180, format="png",
                        elem_id="t2i-trajectory")
-    with gr.Accordion("settings", open=False):
+    with gr.Accordion("settings", open=True):
         with gr.Row():
             knobs = _knobs("t2i", limits, d.image_steps, d.image_guidance, False, None)
             frames = Knob(0, limits.frames, value=d.frames, step=1, precision=0,

@@ -68,10 +68,9 @@ class WholeNumber(gr.Number):
 
 class ImageUpload(gr.Image):
     """An image input that passes a file path on and turns an unreadable upload into a
-    readable error (the pixels are decoded, and their size checked, by the pipeline)."""
-
-    def __init__(self, **kwargs: Any):
-        super().__init__(type="filepath", image_mode=None, format="png", **kwargs)
+    readable error (the pixels are decoded, and their size checked, by the pipeline). Build it
+    with type="filepath", image_mode=None: the header is read, nothing is decoded. (No
+    __init__ of its own: Gradio reads a component's properties from its __init__ signature.)"""
 
     def get_block_name(self) -> str:
         return "image"

@@ -83,3 +83,22 @@ def test_shipped_examples_are_the_shapes_world(tmp_path):
     assert "a large red circle at the top left" in ex.image_prompts
     assert ("two objects: a small blue square at the center and a large green cross at the "
             "bottom right") in ex.image_prompts
+
+
+def test_checked_components_send_the_stock_properties(tiny_unified):
+    """Knob, WholeNumber and ImageUpload render as the stock slider, number and image: the
+    browser gets the same properties (a missing one breaks the page, not the API)."""
+    import gradio as gr
+
+    app = build_app(UnifiedPipeline.from_model(tiny_unified))
+    stock = {"slider": gr.Slider(0, 1).get_config(), "number": gr.Number().get_config(),
+             "image": gr.Image().get_config()}
+    seen = set()
+    for block in app.blocks.values():
+        name = block.get_block_name()
+        if type(block).__module__ == "demo.components":
+            assert name in stock
+            missing = set(stock[name]) - set(block.get_config())
+            assert not missing, (type(block).__name__, missing)
+            seen.add(type(block).__name__)
+    assert seen == {"Knob", "WholeNumber", "ImageUpload"}
