@@ -81,6 +81,7 @@ def bad_input(page: Page, out: Path) -> str:
     toast = page.locator(TOAST).first
     toast.wait_for(timeout=30_000)
     msg = toast.inner_text()
+    page.wait_for_timeout(1000)  # the toast slides in
     page.screenshot(path=str(out), full_page=False)
     if "empty" not in msg:
         raise CheckFailed(f"an empty prompt showed {msg!r}, not a readable message")

@@ -60,20 +60,22 @@ class Defaults:
 
 def _knobs(prefix: str, limits: Limits, steps: int, guidance: float, temperature: bool,
            max_new_tokens: tuple[int, int] | None) -> list[gr.components.Component]:
-    """The settings row of one tab, in the order of its handler's parameters."""
+    """The settings row of one tab, in the order of its handler's parameters (`temperature`
+    and `max_new_tokens`: a text tab)."""
+    text = temperature
     out = []
     if max_new_tokens:
         out.append(Knob(1, max_new_tokens[1], value=max_new_tokens[0], step=1, precision=0,
                         label="max new tokens", elem_id=f"{prefix}-max-new-tokens"))
     out += [Knob(1, limits.steps, value=steps, step=1, precision=0, label="steps",
-                 info="ODE steps per block", elem_id=f"{prefix}-steps"),
+                 info="ODE steps per block" if text else "ODE steps", elem_id=f"{prefix}-steps"),
             Knob(0, limits.guidance, value=guidance, step=0.5, label="guidance",
-                 info="classifier-free guidance scale (1 = off)", elem_id=f"{prefix}-guidance"),
+                 info="CFG scale, 1 = off", elem_id=f"{prefix}-guidance"),
             Knob(*limits.shift, value=1.0, step=0.1, label="shift",
-                 info="schedule shift (> 1: more steps near noise)", elem_id=f"{prefix}-shift")]
+                 info="> 1: more steps near noise", elem_id=f"{prefix}-shift")]
     if temperature:
         out.append(Knob(0, limits.temperature, value=0.0, step=0.05, label="temperature",
-                        info="token sampling in the decoder (0 = greedy)",
+                        info="0 = greedy",
                         elem_id=f"{prefix}-temperature"))
     out.append(WholeNumber(value=0, minimum=0, maximum=limits.seed, precision=0, label="seed",
                            elem_id=f"{prefix}-seed"))

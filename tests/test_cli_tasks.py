@@ -133,3 +133,17 @@ def test_demo_refuses_a_busy_port(capsys, tiny_unified_checkpoint):
         line = run_error(capsys, ["demo", "--checkpoint", str(tiny_unified_checkpoint),
                                   "--port", str(port)])
     assert f"cannot serve on 127.0.0.1:{port}" in line
+
+
+@pytest.mark.parametrize("argv,word", [
+    (["caption", "IMAGE", "--steps", "0"], "steps"),
+    (["caption", "IMAGE", "--question", "q" * 3000], "question"),
+    (["imagine", "a red circle", "-o", "OUT", "--guidance", "nan"], "guidance"),
+    (["imagine", "a red circle", "-o", "OUT", "--trajectory", "OUT", "--frames", "0"], "--frames"),
+    (["generate", "hello", "--top-p", "nan"], "top_p"),
+])
+def test_bad_numbers_fail_before_the_model_loads(capsys, tmp_path, argv, word):
+    image = str(load_examples().images[0].path)
+    argv = [image if a == "IMAGE" else str(tmp_path / "o.png") if a == "OUT" else a for a in argv]
+    line = run_error(capsys, [*argv, "--checkpoint", str(tmp_path / "no-model")])
+    assert word in line and "no Cola model" not in line, line

@@ -38,7 +38,19 @@ def _sampling(args) -> dict:
                 method=args.sampler)
 
 
+def _check_text_args(args, **extra) -> None:
+    """Validate the knobs of a text task before the model loads (fail fast, same messages)."""
+    from unified.generate import GenerationConfig
+
+    GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                     **_sampling(args), **extra)
+
+
 def cmd_generate(args) -> None:
+    from unified.pipeline import check_prompt
+
+    check_prompt(args.prompt)
+    _check_text_args(args, top_k=args.top_k, top_p=args.top_p)
     pipe = _pipeline(args.checkpoint)
     print(args.prompt, end="", flush=True)
     shown = ""
@@ -52,9 +64,12 @@ def cmd_generate(args) -> None:
 
 
 def cmd_caption(args) -> None:
-    from unified.pipeline import open_image
+    from unified.pipeline import check_prompt, open_image
 
     image = open_image(args.image)  # a missing or unreadable file fails before the model loads
+    check_prompt(args.question or "", "question", allow_empty=True)
+    check_prompt(args.prefix, "caption prefix", allow_empty=True)
+    _check_text_args(args)
     pipe = _pipeline(args.checkpoint)
     out = pipe.caption(image, question=args.question, prefix=args.prefix,
                        max_new_tokens=args.max_new_tokens, temperature=args.temperature,
@@ -85,6 +100,13 @@ def trajectory_strip(frames: list[Image.Image], scale: int = 4, gap: int = 2) ->
 def cmd_imagine(args) -> None:
     out_path = _writable_image_path(args.output, "--output")
     strip_path = _writable_image_path(args.trajectory, "--trajectory") if args.trajectory else None
+    from prior.flow import check_int
+    from unified.generate import ImageGenerationConfig
+    from unified.pipeline import check_prompt
+
+    check_prompt(args.prompt)
+    ImageGenerationConfig(**_sampling(args))
+    check_int("--frames", args.frames, 1, 1000)
     pipe = _pipeline(args.checkpoint)
     res = pipe.text_to_image(args.prompt, trajectory=args.frames if strip_path else 0,
                              **_sampling(args))

@@ -111,7 +111,7 @@ def prepare_image(image, size: int) -> torch.Tensor:
     return arr / 127.5 - 1.0
 
 
-def _check_prompt(prompt: str, what: str = "prompt", allow_empty: bool = False) -> str:
+def check_prompt(prompt: str, what: str = "prompt", allow_empty: bool = False) -> str:
     if not isinstance(prompt, str):
         raise ValueError(f"the {what} must be text, got {type(prompt).__name__}")
     if len(prompt) > MAX_PROMPT_CHARS:
@@ -175,7 +175,7 @@ class UnifiedPipeline(DiffusionPipeline):
         from tasks import text_to_text
 
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        prompts = [_check_prompt(p) for p in prompts]
+        prompts = [check_prompt(p) for p in prompts]
         gen = GenerationConfig(max_new_tokens=max_new_tokens, steps=steps, guidance=guidance,
                                shift=shift, temperature=temperature, top_k=top_k, top_p=top_p,
                                seed=seed, method=method)
@@ -195,8 +195,8 @@ class UnifiedPipeline(DiffusionPipeline):
         if not images:
             raise ValueError("no image given")
         x = torch.stack([prepare_image(im, self.model.image_size) for im in images])
-        q = _check_prompt(question or "", "question", allow_empty=True).strip() or None
-        prefix = _check_prompt(prefix, "caption prefix", allow_empty=True)
+        q = check_prompt(question or "", "question", allow_empty=True).strip() or None
+        prefix = check_prompt(prefix, "caption prefix", allow_empty=True)
         gen = GenerationConfig(max_new_tokens=max_new_tokens, steps=steps, guidance=guidance,
                                shift=shift, temperature=temperature, seed=seed, method=method)
         it = image_to_text.stream(self.model, x.to(self.model.vae.device), [q] * len(images),
@@ -212,7 +212,7 @@ class UnifiedPipeline(DiffusionPipeline):
 
         self._need_images()
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        prompts = [_check_prompt(p) for p in prompts]
+        prompts = [check_prompt(p) for p in prompts]
         gen = ImageGenerationConfig(steps=steps, guidance=guidance, shift=shift, seed=seed,
                                     method=method)
         trajectory = check_int("trajectory", trajectory, 0, 1000)
