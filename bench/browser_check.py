@@ -93,7 +93,7 @@ def main() -> int:
     ap.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT))
     ap.add_argument("--out", default="docs/screenshots")
     ap.add_argument("--chromium", default="/usr/bin/chromium")
-    ap.add_argument("--threads", type=int, default=2, help="torch threads in the server")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads in the server")
     ap.add_argument("--timeout", type=float, default=120, help="seconds per generation")
     args = ap.parse_args()
     out = Path(args.out)

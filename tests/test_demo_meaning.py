@@ -30,7 +30,7 @@ def client():
     if not UnifiedPipeline.from_pretrained(CHECKPOINT, device="cpu").can_see_images:
         pytest.skip(f"the checkpoint {CHECKPOINT} is text-only (no image VAE or image "
                     "modality): image-to-text and text-to-image cannot be checked on it")
-    with DemoProcess(CHECKPOINT, threads=2) as url:
+    with DemoProcess(CHECKPOINT, threads=1) as url:
         yield Client(url, verbose=False)
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -125,6 +126,10 @@ def cmd_demo(args) -> None:
 
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("serving on %s: the demo is reachable from other machines", args.host)
+    if not os.environ.get("COLA_THREADS"):  # requests computed at once share the cores
+        import torch
+
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, args.concurrency)))
     pipe = _pipeline(args.checkpoint)
     log.info("loaded %s (%s)", args.checkpoint,
              "text and images" if pipe.can_see_images else "text only: no image side")
@@ -189,6 +194,8 @@ def add_parsers(sub) -> None:
     s.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     s.add_argument("--port", type=int, default=7860)
     s.add_argument("--share", action="store_true", help="also open a public Gradio share link")
-    s.add_argument("--concurrency", type=int, default=2, help="requests computed at once")
+    s.add_argument("--concurrency", type=int, default=2,
+                   help="requests computed at once (each gets cores / concurrency torch threads "
+                        "unless COLA_THREADS is set)")
     s.add_argument("--max-queue", type=int, default=64, help="requests waiting at most")
     s.set_defaults(fn=cmd_demo)
