@@ -123,6 +123,13 @@ def test_text_only_checkpoint_cannot_caption(capsys, tmp_path, text_only_checkpo
     assert "no image side" in line
 
 
+@pytest.mark.parametrize("flag,value", [("--port", "70000"), ("--concurrency", "0"),
+                                        ("--max-queue", "-1")])
+def test_demo_bad_settings(capsys, flag, value):
+    line = run_error(capsys, ["demo", flag, value])
+    assert flag in line and value in line
+
+
 def test_demo_refuses_a_busy_port(capsys, tiny_unified_checkpoint):
     import socket
 

@@ -123,6 +123,11 @@ def cmd_imagine(args) -> None:
 
 def cmd_demo(args) -> None:
     from demo.app import serve
+    from prior.flow import check_int
+
+    check_int("--port", args.port, 1, 65535)
+    check_int("--concurrency", args.concurrency, 1, 64)
+    check_int("--max-queue", args.max_queue, 1, 10_000)
 
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("serving on %s: the demo is reachable from other machines", args.host)
