@@ -33,6 +33,13 @@ class CheckFailed(Exception):
     pass
 
 
+def shrink(path: Path) -> None:
+    """Store a screenshot as a 256-colour PNG (a third of the size; screenshots are flat)."""
+    from PIL import Image
+
+    Image.open(path).convert("RGB").quantize(256).save(path, optimize=True)
+
+
 def stats_ready(tab: str) -> str:
     """JS predicate: the tab's stats box shows a finished result."""
     return (f"() => {{ const t = document.querySelector('#{tab}-stats textarea');"
@@ -55,6 +62,7 @@ def run_tab(page: Page, tab: str, label: str, out: Path, timeout_ms: int) -> str
         page.wait_for_timeout(500)
     no_error_toast(page, label)
     page.screenshot(path=str(out), full_page=True)
+    shrink(out)
     result = page.locator(f"#{tab}-stats textarea").input_value()
     if tab != "t2i":
         text = page.locator(f"#{tab}-output textarea").input_value()
@@ -64,6 +72,20 @@ def run_tab(page: Page, tab: str, label: str, out: Path, timeout_ms: int) -> str
     return result
 
 
+def run_example(page: Page, tab: str, label: str, example: str, timeout_ms: int) -> str:
+    """Click a text example: it fills the prompt and runs the task (one click)."""
+    page.get_by_role("tab", name=label).click()
+    before = page.locator(f"#{tab}-stats textarea").input_value()
+    page.get_by_text(example, exact=True).first.click()
+    page.wait_for_function(
+        f"() => document.querySelector('#{tab}-prompt textarea').value === {example!r}"
+        f" && document.querySelector('#{tab}-stats textarea').value !== {before!r}",
+        timeout=timeout_ms)
+    page.wait_for_function(stats_ready(tab), timeout=timeout_ms)
+    no_error_toast(page, f"{label} example")
+    return page.locator(f"#{tab}-stats textarea").input_value()
+
+
 def text_only_tab(page: Page, tab: str, label: str, out: Path) -> str:
     page.get_by_role("tab", name=label).click()
     notice = page.locator(f"#{tab}-unavailable")
@@ -71,6 +93,7 @@ def text_only_tab(page: Page, tab: str, label: str, out: Path) -> str:
     if "text-only" not in notice.inner_text() or page.locator(f"#{tab}-run").is_enabled():
         raise CheckFailed(f"{label}: a text-only checkpoint must show the notice and no button")
     page.screenshot(path=str(out), full_page=True)
+    shrink(out)
     return "text-only notice shown, button disabled"
 
 
@@ -83,6 +106,7 @@ def bad_input(page: Page, out: Path) -> str:
     msg = toast.inner_text()
     page.wait_for_timeout(1000)  # the toast slides in
     page.screenshot(path=str(out), full_page=False)
+    shrink(out)
     if "empty" not in msg:
         raise CheckFailed(f"an empty prompt showed {msg!r}, not a readable message")
     return msg
@@ -123,6 +147,16 @@ def main() -> int:
             except Exception as e:  # noqa: BLE001 - report every tab, then fail
                 failures += 1
                 print(f"FAIL {label}: {e}")
+        examples = [("t2t", "Text → text", "Return the number of")]
+        if sees:
+            examples.append(("t2i", "Text → image", "a large yellow triangle at the bottom"))
+        for tab, label, example in examples:
+            try:
+                what = run_example(page, tab, label, example, int(args.timeout * 1000))
+                print(f"ok   {label}, one click on the example {example!r}: {what}")
+            except Exception as e:  # noqa: BLE001
+                failures += 1
+                print(f"FAIL {label}, example {example!r}: {e}")
         try:
             print(f"ok   bad input: {bad_input(page, out / 'bad-input.png')!r} -> "
                   f"{out / 'bad-input.png'}")
