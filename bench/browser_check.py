@@ -72,15 +72,18 @@ def run_tab(page: Page, tab: str, label: str, out: Path, timeout_ms: int) -> str
     return result
 
 
-def run_example(page: Page, tab: str, label: str, example: str, timeout_ms: int) -> str:
-    """Click a text example: it fills the prompt and runs the task (one click)."""
+def run_example(page: Page, tab: str, label: str, example: str, field: str,
+                timeout_ms: int) -> str:
+    """Click an example (by its text): it fills the inputs (`field` gets `example`) and runs the
+    task: one click shows a result."""
     page.get_by_role("tab", name=label).click()
-    before = page.locator(f"#{tab}-stats textarea").input_value()
+    result = (f"document.querySelector('#{tab}-image img').src" if tab == "t2i" else
+              f"document.querySelector('#{tab}-output textarea').value")
+    before = page.evaluate(f"() => {result}")
     page.get_by_text(example, exact=True).first.click()
-    page.wait_for_function(
-        f"() => document.querySelector('#{tab}-prompt textarea').value === {example!r}"
-        f" && document.querySelector('#{tab}-stats textarea').value !== {before!r}",
-        timeout=timeout_ms)
+    page.wait_for_function(  # the inputs are filled and a new result is shown
+        f"() => document.querySelector('#{tab}-{field} textarea').value === {example!r}"
+        f" && {result} !== {before!r}", timeout=timeout_ms)
     page.wait_for_function(stats_ready(tab), timeout=timeout_ms)
     no_error_toast(page, f"{label} example")
     return page.locator(f"#{tab}-stats textarea").input_value()
@@ -147,12 +150,13 @@ def main() -> int:
             except Exception as e:  # noqa: BLE001 - report every tab, then fail
                 failures += 1
                 print(f"FAIL {label}: {e}")
-        examples = [("t2t", "Text → text", "Return the number of")]
+        examples = [("t2t", "Text → text", "Return the number of", "prompt")]
         if sees:
-            examples.append(("t2i", "Text → image", "a large yellow triangle at the bottom"))
-        for tab, label, example in examples:
+            examples += [("i2t", "Image → text", "how many objects are there?", "question"),
+                         ("t2i", "Text → image", "a large yellow triangle at the bottom", "prompt")]
+        for tab, label, example, field in examples:
             try:
-                what = run_example(page, tab, label, example, int(args.timeout * 1000))
+                what = run_example(page, tab, label, example, field, int(args.timeout * 1000))
                 print(f"ok   {label}, one click on the example {example!r}: {what}")
             except Exception as e:  # noqa: BLE001
                 failures += 1
