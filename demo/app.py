@@ -155,11 +155,11 @@ def _image_tab(h: Handlers, ex: DemoExamples, limits: Limits, d: Defaults, enabl
                                 elem_id="t2i-prompt", interactive=enabled)
             run = gr.Button("Draw", variant="primary", elem_id="t2i-run", interactive=enabled)
             stats = _stats("t2i")
-            real = gr.Image(label="real image", type="pil", format="png",
+            real = gr.Image(label="real image", type="filepath", format="png",
                             height=96, interactive=False, buttons=["download"],
                             elem_id="t2i-real", elem_classes=["pixelated"])
         with gr.Column():
-            shown = gr.Image(label="image", type="pil", format="png",
+            shown = gr.Image(label="image", type="filepath", format="png",
                              interactive=False, elem_id="t2i-image")
     gr.Markdown("**Denoising trajectory**: the model's estimate of the image at each recorded "
                 "step, from t = 1 (pure noise) to t = 0. The image above is enlarged 8x "

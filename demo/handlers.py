@@ -18,6 +18,7 @@ import gradio as gr
 from PIL import Image
 
 from demo.components import user_error
+from demo.files import ImageFiles
 from unified.pipeline import UnifiedPipeline
 
 log = logging.getLogger("cola.demo")
@@ -44,27 +45,29 @@ def upscale(image: Image.Image, size: int) -> Image.Image:
 class Handlers:
     """The three tasks as Gradio event handlers over one pipeline."""
 
-    def __init__(self, pipe: UnifiedPipeline, display_size: int = 256):
+    def __init__(self, pipe: UnifiedPipeline, display_size: int = 256,
+                 files: ImageFiles | None = None):
         self.pipe = pipe
         self.display_size = display_size
+        self.files = files or ImageFiles()
 
     def generate_text(self, prompt: str, max_new_tokens: int, steps: int, guidance: float,
                       shift: float, temperature: float, seed: int) -> Iterator[tuple[str, str]]:
         """Continue `prompt`; yields (continuation so far, stats) after every block."""
         t0 = time.perf_counter()
-        text, nfe, tokens = "", 0, 0
+        text, nfe, tokens, blocks = "", 0, 0, 0
         with _as_user_errors():
             for out in self.pipe.generate_text(
                     prompt or "", max_new_tokens=max_new_tokens, steps=steps, guidance=guidance,
                     shift=shift, temperature=temperature, seed=seed, stream=True):
-                text, nfe = out.texts[0], out.nfe
+                text, nfe, blocks = out.texts[0], out.nfe, out.index + 1
                 tokens += len(out.new_ids[0])
                 done = "" if out.finished[0] else " (generating…)"
                 yield text, stats_line(time.perf_counter() - t0, nfe,
-                                       f"{tokens} tokens in {out.index + 1} blocks{done}")
+                                       f"{tokens} tokens in {blocks} blocks{done}")
         seconds = time.perf_counter() - t0
         log.info("text-to-text: %d tokens, %.2f s, nfe %d", tokens, seconds, nfe)
-        yield text, stats_line(seconds, nfe, f"{tokens} tokens in {out.index + 1} blocks")
+        yield text, stats_line(seconds, nfe, f"{tokens} tokens in {blocks} blocks")
 
     def caption(self, image: str | None, question: str, prefix: str, max_new_tokens: int,
                 steps: int, guidance: float, shift: float, temperature: float,
@@ -82,9 +85,10 @@ class Handlers:
 
     def text_to_image(self, prompt: str, steps: int, guidance: float, shift: float, seed: int,
                       frames: int, progress: gr.Progress = gr.Progress()  # noqa: B008
-                      ) -> tuple[Image.Image, Image.Image, list[tuple[Image.Image, str]], str]:
+                      ) -> tuple[str, str, list[tuple[str, str]], str]:
         """Draw `prompt`: (the image enlarged for display, the real image, the denoising
-        trajectory as captioned frames ending with the result, stats)."""
+        trajectory as captioned frames ending with the result, stats); images as PNG paths
+        (demo/files.py says why)."""
         def on_step(i: int, n: int) -> None:
             progress((i, n), desc="denoising")
 
@@ -94,11 +98,14 @@ class Handlers:
                                           on_step=on_step)
         image = out.images[0]
         big = self.display_size
+        shown = upscale(image, big)
         strip = [(upscale(im, big), f"t = {t:.2f}")
                  for im, t in zip(out.trajectory[0] if out.trajectory else [], out.trajectory_t)]
-        if not strip or strip[-1][0].tobytes() != upscale(image, big).tobytes():
-            strip.append((upscale(image, big), "t = 0 (result)"))  # (an Euler run's last
-            # estimate is the result itself)
+        if not strip or strip[-1][0].tobytes() != shown.tobytes():  # (an Euler run's last
+            strip.append((shown, "t = 0 (result)"))  # estimate is the result itself)
         log.info("text-to-image: %.2f s, nfe %d", out.seconds, out.nfe)
-        return (upscale(image, big), image, strip,
+        self.files.prune()
+        save = self.files.save
+        return (save(shown, "cola-256px"), save(image, "cola"),
+                [(save(im, "cola-step"), cap) for im, cap in strip],
                 stats_line(out.seconds, out.nfe, f"{steps} steps, {image.width} x {image.height} px"))
