@@ -1,6 +1,8 @@
 """Shared fixtures: a tiny unified model with random weights (text VAE, image VAE, two-modality
 prior) on a tokenizer trained on shapes captions and stdlib prose."""
 
+import os
+
 import pytest
 import torch
 
@@ -11,6 +13,9 @@ from unified.model import ColaModel
 from vaes.image_vae import set_latent_stats, small_image_vae
 from vaes.text_vae import TextVAE
 from vaes.tokenizer import train_tokenizer
+
+# the demo tests start Gradio servers: no usage analytics from a test run (make test sets it too)
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 
 def shapes_texts(n=300):
