@@ -27,6 +27,7 @@ import gradio as gr
 from demo.components import ImageUpload, Knob, WholeNumber
 from demo.examples import DemoExamples, load_examples
 from demo.handlers import Handlers
+from unified.generate import GenerationConfig, ImageGenerationConfig
 from unified.pipeline import UnifiedPipeline
 
 CSS = """
@@ -50,10 +51,12 @@ class Limits:
 
 @dataclass(frozen=True)
 class Defaults:
-    text_steps: int = 8
-    text_guidance: float = 2.0
-    image_steps: int = 16
-    image_guidance: float = 4.0
+    """Starting values of the knobs: the generation configs' own defaults."""
+
+    text_steps: int = GenerationConfig.steps
+    text_guidance: float = GenerationConfig.guidance
+    image_steps: int = ImageGenerationConfig.steps
+    image_guidance: float = ImageGenerationConfig.guidance
     max_new_tokens: int = 48
     frames: int = 8
 
