@@ -30,6 +30,7 @@ from unified.generate import BlockOutput, GenerationConfig, ImageGenerationConfi
 from unified.layout import TextLayoutConfig, TimeConfig
 from unified.model import ColaModel
 
+_TEXT, _IMAGE = GenerationConfig(), ImageGenerationConfig()  # default knobs: one source
 MAX_IMAGE_SIDE = 4096  # larger uploads are refused, not resized (memory)
 MAX_PROMPT_CHARS = 2000
 
@@ -165,8 +166,9 @@ class UnifiedPipeline(DiffusionPipeline):
             raise ValueError("this model has no image side (a text-only checkpoint)")
 
     # ----------------------------------------------------------------- tasks
-    def generate_text(self, prompt: str | list[str], *, max_new_tokens: int = 64,
-                      steps: int = 8, guidance: float = 2.0, shift: float = 1.0,
+    def generate_text(self, prompt: str | list[str], *, max_new_tokens: int = _TEXT.max_new_tokens,
+                      steps: int = _TEXT.steps, guidance: float = _TEXT.guidance,
+                      shift: float = _TEXT.shift,
                       temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
                       seed: int = 0, method: str = "euler", stream: bool = False
                       ) -> TextResult | Iterator[BlockOutput]:
@@ -183,8 +185,9 @@ class UnifiedPipeline(DiffusionPipeline):
         return it if stream else _finish_text(it)
 
     def caption(self, image, *, question: str | None = None, prefix: str = "",
-                max_new_tokens: int = 48, steps: int = 8, guidance: float = 2.0,
-                shift: float = 1.0, temperature: float = 0.0, seed: int = 0,
+                max_new_tokens: int = 48, steps: int = _TEXT.steps,
+                guidance: float = _TEXT.guidance, shift: float = _TEXT.shift,
+                temperature: float = 0.0, seed: int = 0,
                 method: str = "euler", stream: bool = False) -> TextResult | Iterator[BlockOutput]:
         """Describe an image (or answer `question` about it), optionally continuing `prefix`.
         `image`: a PIL image, an H x W x 3 array, a path, or a list of those."""
@@ -203,8 +206,9 @@ class UnifiedPipeline(DiffusionPipeline):
                                   [prefix] * len(images), gen)
         return it if stream else _finish_text(it, prefix)
 
-    def text_to_image(self, prompt: str | list[str], *, steps: int = 16, guidance: float = 4.0,
-                      shift: float = 1.0, seed: int = 0, method: str = "euler",
+    def text_to_image(self, prompt: str | list[str], *, steps: int = _IMAGE.steps,
+                      guidance: float = _IMAGE.guidance, shift: float = _IMAGE.shift,
+                      seed: int = 0, method: str = "euler",
                       trajectory: int = 0, on_step=None) -> ImageResult:
         """Draw an image for a prompt (or one per prompt of a list). `trajectory` > 0 also
         returns that many intermediate decodes of the data estimate, noise to image."""
