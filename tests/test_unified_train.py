@@ -75,6 +75,8 @@ def test_stage2_trains_every_task_freezes_the_image_vae_and_resumes(data, stage1
     assert all(torch.equal(v, a.model.image_vae.state_dict()[k]) for k, v in img_before.items())
     seen = {k for h in full for k in h if k.startswith("fm_")}
     assert seen == {"fm_text_to_text", "fm_image_to_text", "fm_text_to_image"}
+    logged = [h for h in full if "tokens_per_s" in h]
+    assert logged and all(h["images_per_s"] > 0 and h["tokens_per_s"] > 0 for h in logged)
     b = trainer(c, 2, tmp_path / "b", init=init)
     first = b.train(max_steps=7)
     rest = trainer(c, 2, tmp_path / "b", init=init).train()

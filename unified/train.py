@@ -73,6 +73,15 @@ def data_units(batch: dict) -> int:
     return n + len((batch.get("pairs") or {}).get("tasks", []))
 
 
+def throughput_counts(batch: dict) -> tuple[int, int]:
+    """(text tokens, images) a micro-batch feeds the model: prose and task-text tokens, and
+    the images of its task samples (logged as tokens/s and images/s)."""
+    tokens = sum(int((part["sample_ids"] >= 0).sum())
+                 for part in (batch.get("text"), (batch.get("pairs") or {}).get("pieces")) if part)
+    images = (batch.get("pairs") or {}).get("images")
+    return tokens, int(images.shape[0]) if images is not None and images.dim() == 4 else 0
+
+
 def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float) -> float:
     """LR multiplier: linear warmup, then cosine decay to min_ratio at `total`."""
     if step < warmup:
@@ -424,7 +433,9 @@ class Trainer:
             total += loss.item() * weight
             for k, v in terms.items():
                 terms_sum[k] = terms_sum.get(k, 0.0) + float(v.detach()) * weight
-        return torch.tensor(total), terms_sum, sum(counts) * self.dist.world
+        seen = [throughput_counts(mb) for mb in micro_batches]  # this rank's share
+        return torch.tensor(total), terms_sum, tuple(sum(c[j] for c in seen) * self.dist.world
+                                                     for j in range(2))
 
     def train(self, max_steps: int | None = None) -> list[dict]:
         """Run to `tcfg.steps` (or stop after `max_steps` more); returns the logged records
@@ -438,7 +449,8 @@ class Trainer:
         batches = self._batches()
         bar = tqdm(total=t.steps, initial=self.step, desc=f"stage {self.stage}",
                    dynamic_ncols=True, mininterval=2.0, disable=not main)
-        tokens, t0 = 0, time.perf_counter()
+        tokens = images = 0
+        t0 = time.perf_counter()
         try:
             while self.step < stop_at:
                 micro = next(batches)
@@ -454,7 +466,7 @@ class Trainer:
                             f"stopping. The last good checkpoint is {latest_checkpoint(self.out)}")
                     continue
                 self.bad_steps = 0
-                loss, terms, n_tok = done
+                loss, terms, (n_tok, n_img) = done
                 gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(),
                                                        self.cfg.optim.grad_clip)
                 gnorm = gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm
@@ -463,7 +475,7 @@ class Trainer:
                 self.step += 1
                 if self.ema is not None:
                     self.ema.update(self.model.prior, step=self.step)
-                tokens += n_tok
+                tokens, images = tokens + n_tok, images + n_img
                 names = list(terms)
                 vals = dist_utils.mean_across_ranks(
                     torch.tensor([loss.item(), *terms.values()], dtype=torch.float64), self.dist)
@@ -475,9 +487,12 @@ class Trainer:
                     dt = time.perf_counter() - t0
                     rec.update(lr=self.scheduler.get_last_lr()[-1], grad_norm=float(gnorm),
                                tokens_per_s=tokens / dt, skipped=self.skips.total)
+                    if images:
+                        rec["images_per_s"] = images / dt
                     if main:
                         self._log(rec, metrics, writer, bar)
-                    tokens, t0 = 0, time.perf_counter()
+                    tokens = images = 0
+                    t0 = time.perf_counter()
                 if self.step % t.ckpt_every == 0:
                     self._checkpoint()
         finally:
