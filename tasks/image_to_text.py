@@ -5,11 +5,13 @@ block by block."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from tasks.base import SampleContext, encode_conditions
 from unified.data import TaskSample
-from unified.generate import GenerationConfig, TextGenerator
+from unified.generate import GenerationConfig, ImageGenerator, TextGenerator
 from unified.layout import MODALITY_IMAGE, MODALITY_TEXT, ONE_BLOCK, SEG_I, SEG_N, SEG_P, SegmentSpec
 from unified.model import ColaModel
 from vaes.tokenizer import encode_piece
@@ -75,8 +77,53 @@ def stream(model: ColaModel, images: torch.Tensor, questions: list[str | None] |
 
 def generate(model: ColaModel, images: torch.Tensor, questions: list[str | None] | None = None,
              prefixes: list[str] | None = None, gen: GenerationConfig | None = None, *,
-             use_cache: bool = True) -> list[str]:
-    """The answers (prefix included) for a batch of images."""
+             use_cache: bool = True, rerank: int = 0) -> list[str]:
+    """The answers (prefix included) for a batch of images.
+
+    `rerank` = K > 1: sample K captions per image (seeds seed .. seed + K - 1) and keep the
+    one under which the same prior best explains the image, i.e. with the lowest
+    text-to-image flow loss ("analysis by synthesis", see `rerank_captions`). Rows that ask
+    a question keep their first sample (the scorer reads captions, not answers)."""
+    gen = gen or GenerationConfig()
     prefixes = prefixes or [""] * images.shape[0]
-    *_, last = stream(model, images, questions, prefixes, gen, use_cache=use_cache)
-    return [(p + t) for p, t in zip(prefixes, last.texts)]
+    samples = []
+    for k in range(max(1, rerank)):
+        g = dataclasses.replace(gen, seed=gen.seed + k)
+        *_, last = stream(model, images, questions, prefixes, g, use_cache=use_cache)
+        samples.append([(p + t) for p, t in zip(prefixes, last.texts)])
+    best = samples[0]
+    if rerank > 1:
+        asks = questions or [None] * images.shape[0]
+        todo = [i for i, q in enumerate(asks) if q is None or not q.strip()]
+        if todo:
+            chosen = rerank_captions(model, images[todo], [[c[i] for c in samples] for i in todo])
+            for i, caption in zip(todo, chosen):
+                best[i] = caption
+    return best
+
+
+@torch.no_grad()
+def rerank_captions(model: ColaModel, images: torch.Tensor, candidates: list[list[str]]
+                    ) -> list[str]:
+    """For each image [3, H, W] its candidate caption with the lowest text-to-image flow loss
+    of the image's latent tokens (unified.generate.ImageGenerator.flow_loss)."""
+    from tasks import text_to_image
+
+    tokens = model.encode_images(images.to(model.vae.device))  # [B, n, d]
+    rows, owner, texts = [], [], []
+    for i, cands in enumerate(candidates):
+        for c in dict.fromkeys(cands):  # unique, in sampling order
+            try:
+                ids = encode_piece(model.tokenizer, c, model.vae.config.max_len)
+            except ValueError:  # longer than any caption condition: not a candidate
+                continue
+            rows.append(encode_conditions(model, text_to_image.CONDITION, [ids], []))
+            owner.append(i)
+            texts.append(c)
+    best = {i: (cands[0], float("inf")) for i, cands in enumerate(candidates)}
+    if rows:
+        loss = ImageGenerator(model).flow_loss(rows, tokens[owner])
+        for i, c, v in zip(owner, texts, loss.tolist()):
+            if v < best[i][1]:
+                best[i] = (c, v)
+    return [best[i][0] for i in range(len(candidates))]

@@ -137,7 +137,8 @@ def cmd_eval(args) -> None:
             text_gen=GenerationConfig(max_new_tokens=min(48, model.vae.config.max_len - 1),
                                       steps=args.steps,
                                       guidance=args.text_guidance),
-            image_gen=ImageGenerationConfig(steps=args.steps, guidance=args.image_guidance)))
+            image_gen=ImageGenerationConfig(steps=args.image_steps, guidance=args.image_guidance),
+            rerank=args.rerank))
     examples = report.pop("examples", [])
     for key, val in report.items():
         print(f"{key:>32}: {val:.4f}" if isinstance(val, float) else f"{key:>32}: {val}")
@@ -179,6 +180,8 @@ def cmd_latent_stats(args) -> None:
 
 # --------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
+    from unified.generate import GenerationConfig, ImageGenerationConfig
+
     p = _Parser(prog="cola", description=__doc__,
                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-v", "--verbose", action="store_true")
@@ -237,9 +240,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--shapes-data", default="data/shapes/heldout",
                    help="held-out shapes shards (cola make-shards shapes)")
     s.add_argument("-n", type=int, default=500, help="shapes: scenes to evaluate")
-    s.add_argument("--steps", type=int, default=8, help="shapes: ODE steps per block / image")
-    s.add_argument("--text-guidance", type=float, default=2.0)
-    s.add_argument("--image-guidance", type=float, default=4.0)
+    s.add_argument("--steps", type=int, default=GenerationConfig.steps,
+                   help="shapes: ODE steps per caption block")
+    s.add_argument("--image-steps", type=int, default=ImageGenerationConfig.steps,
+                   help="shapes: ODE steps per image")
+    s.add_argument("--rerank", type=int, default=8, metavar="K",
+                   help="shapes: also caption by choosing among K samples with the "
+                        "text-to-image scorer (0 = plain sampling only)")
+    s.add_argument("--text-guidance", type=float, default=GenerationConfig.guidance)
+    s.add_argument("--image-guidance", type=float, default=ImageGenerationConfig.guidance)
     s.set_defaults(fn=cmd_eval)
     return p
 

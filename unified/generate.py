@@ -27,7 +27,15 @@ from dataclasses import dataclass
 import torch
 
 from prior.attention import TokenMeta
-from prior.flow import SamplerConfig, cfg_combine, check_int, check_real, integrate
+from prior.flow import (
+    SamplerConfig,
+    cfg_combine,
+    check_int,
+    check_real,
+    integrate,
+    interpolate,
+    velocity_target,
+)
 from unified.layout import (
     MODALITY_IMAGE,
     MODALITY_TEXT,
@@ -555,3 +563,32 @@ class ImageGenerator:
         images = m.decode_image_tokens(z)
         traj = [m.decode_image_tokens(e) for _, e in estimates]
         return ImageOutput(z, images, traj, [t for t, _ in estimates], prior.nfe)
+
+    @torch.no_grad()
+    def flow_loss(self, conditions: list[list[Segment]], tokens: torch.Tensor,
+                  times: tuple[float, ...] = (0.3, 0.5, 0.7, 0.85), seed: int = 0,
+                  use_cache: bool = True) -> torch.Tensor:
+        """How well each row's conditions explain an image: the flow-matching loss
+        E_t ||v(z_t, t | conditions) - (eps - z0)||^2 of its prior-space tokens [B, n, d],
+        averaged over `times`, with the same noise for every row (common random numbers, so
+        rows are compared, not their noise). Lower is better: the prior's conditional
+        likelihood proxy, e.g. to rank candidate captions of an image ("analysis by
+        synthesis"). Returns [B]."""
+        m = self.model
+        dev = tokens.device
+        grid = m.image_grid().to(dev)
+        b, n, d = tokens.shape
+        k = len(times)
+        rows = [c for c in conditions for _ in times]  # row-major: (row, time)
+        prefix = Prefix.from_rows(rows, m.block_size, m.prior.latent_width, dev)
+        prior = _prior_session(m.prior, prefix, 1.0, use_cache)
+        eps = torch.randn(k, n, d, device=dev,
+                          generator=torch.Generator(device=dev).manual_seed(seed)).repeat(b, 1, 1)
+        t = torch.tensor(times, device=dev).repeat(b)[:, None].expand(b * k, n)
+        z0 = tokens.repeat_interleave(k, 0)  # [B k, n, d]
+        z_t = interpolate(z0, eps, t)
+        pos = torch.stack([image_positions(grid, next_position(c)) for c in rows])
+        mod = torch.full((b * k, n), MODALITY_IMAGE, dtype=torch.long, device=dev)
+        v = m.prior_out(prior.velocity(m.prior_in(z_t), t, mod, pos), d)
+        err = (v - velocity_target(z0, eps)).pow(2).mean((1, 2))  # [B k]
+        return err.view(b, k).mean(1)
