@@ -6,6 +6,7 @@ block by block."""
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 
 import torch
 
@@ -75,10 +76,16 @@ def stream(model: ColaModel, images: torch.Tensor, questions: list[str | None] |
     yield from TextGenerator(model).stream(prefixes, gen, use_cache, conditions=rows)
 
 
-def generate(model: ColaModel, images: torch.Tensor, questions: list[str | None] | None = None,
-             prefixes: list[str] | None = None, gen: GenerationConfig | None = None, *,
-             use_cache: bool = True, rerank: int = 0) -> list[str]:
-    """The answers (prefix included) for a batch of images.
+@dataclass
+class Answers:
+    texts: list[str]  # one per image, prefix included
+    nfe: int  # prior forward calls in all (samples and scoring)
+
+
+def answer(model: ColaModel, images: torch.Tensor, questions: list[str | None] | None = None,
+           prefixes: list[str] | None = None, gen: GenerationConfig | None = None, *,
+           use_cache: bool = True, rerank: int = 0) -> Answers:
+    """The answers (prefix included) for a batch of images [B, 3, H, W] in [-1, 1].
 
     `rerank` = K > 1: sample K captions per image (seeds seed .. seed + K - 1) and keep the
     one under which the same prior best explains the image, i.e. with the lowest
@@ -86,27 +93,39 @@ def generate(model: ColaModel, images: torch.Tensor, questions: list[str | None]
     a question keep their first sample (the scorer reads captions, not answers)."""
     gen = gen or GenerationConfig()
     prefixes = prefixes or [""] * images.shape[0]
-    samples = []
+    samples, nfe = [], 0
     for k in range(max(1, rerank)):
         g = dataclasses.replace(gen, seed=gen.seed + k)
         *_, last = stream(model, images, questions, prefixes, g, use_cache=use_cache)
         samples.append([(p + t) for p, t in zip(prefixes, last.texts)])
+        nfe += last.nfe
     best = samples[0]
     if rerank > 1:
         asks = questions or [None] * images.shape[0]
         todo = [i for i, q in enumerate(asks) if q is None or not q.strip()]
         if todo:
-            chosen = rerank_captions(model, images[todo], [[c[i] for c in samples] for i in todo])
+            chosen, calls = rerank_captions(model, images[todo], [[c[i] for c in samples]
+                                                                  for i in todo])
+            nfe += calls
             for i, caption in zip(todo, chosen):
                 best[i] = caption
-    return best
+    return Answers(best, nfe)
+
+
+def generate(model: ColaModel, images: torch.Tensor, questions: list[str | None] | None = None,
+             prefixes: list[str] | None = None, gen: GenerationConfig | None = None, *,
+             use_cache: bool = True, rerank: int = 0) -> list[str]:
+    """The answer texts of `answer`."""
+    return answer(model, images, questions, prefixes, gen, use_cache=use_cache,
+                  rerank=rerank).texts
 
 
 @torch.no_grad()
 def rerank_captions(model: ColaModel, images: torch.Tensor, candidates: list[list[str]]
-                    ) -> list[str]:
+                    ) -> tuple[list[str], int]:
     """For each image [3, H, W] its candidate caption with the lowest text-to-image flow loss
-    of the image's latent tokens (unified.generate.ImageGenerator.flow_loss)."""
+    of the image's latent tokens (unified.generate.ImageGenerator.flow_loss), and the prior
+    calls it took."""
     from tasks import text_to_image
 
     tokens = model.encode_images(images.to(model.vae.device))  # [B, n, d]
@@ -121,9 +140,10 @@ def rerank_captions(model: ColaModel, images: torch.Tensor, candidates: list[lis
             owner.append(i)
             texts.append(c)
     best = {i: (cands[0], float("inf")) for i, cands in enumerate(candidates)}
+    nfe = 0
     if rows:
-        loss = ImageGenerator(model).flow_loss(rows, tokens[owner])
+        loss, nfe = ImageGenerator(model).flow_loss(rows, tokens[owner])
         for i, c, v in zip(owner, texts, loss.tolist()):
             if v < best[i][1]:
                 best[i] = (c, v)
-    return [best[i][0] for i in range(len(candidates))]
+    return [best[i][0] for i in range(len(candidates))], nfe

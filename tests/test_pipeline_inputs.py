@@ -104,3 +104,14 @@ def test_unreadable_and_missing_files(tmp_path):
     assert open_image(ok).size == (40, 20)
     with pytest.raises(ValueError, match="not a readable image: small.png"):
         open_image(small)
+
+
+def test_reranked_caption_is_one_of_its_samples_and_counts_its_calls(pipe, image):
+    plain = [pipe.caption(image, max_new_tokens=8, steps=2, seed=s) for s in range(3)]
+    best = pipe.caption(image, max_new_tokens=8, steps=2, seed=0, rerank=3)
+    assert best.text in {p.text for p in plain}
+    assert best.nfe > sum(p.nfe for p in plain)  # the samples plus the scoring calls
+    with pytest.raises(ValueError, match="cannot stream"):
+        pipe.caption(image, rerank=3, stream=True)
+    with pytest.raises(ValueError, match="rerank"):
+        pipe.caption(image, rerank=-1)

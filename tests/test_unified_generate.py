@@ -85,12 +85,13 @@ def test_flow_loss_cached_equals_reference_and_reranking_takes_the_argmin(tiny_u
     rows = [encode_conditions(m, text_to_image.CONDITION, [encode_piece(m.tokenizer, c, 64)], [])
             for c in caps]
     tokens = m.encode_images(images(1)).expand(3, -1, -1)
-    fast = ImageGenerator(m).flow_loss(rows, tokens)
-    slow = ImageGenerator(m).flow_loss(rows, tokens, use_cache=False)
+    fast, nfe = ImageGenerator(m).flow_loss(rows, tokens)
+    slow, _ = ImageGenerator(m).flow_loss(rows, tokens, use_cache=False)
     assert fast.shape == (3,) and torch.allclose(fast, slow, atol=1e-5)
+    assert nfe == 2  # the captions' prefix call, then one call for every (caption, time)
     assert len(set(fast.tolist())) == 3  # the caption matters
-    assert torch.equal(ImageGenerator(m).flow_loss(rows, tokens), fast)  # fixed noise
-    best = image_to_text.rerank_captions(m, images(1), [caps])
+    assert torch.equal(ImageGenerator(m).flow_loss(rows, tokens)[0], fast)  # fixed noise
+    best, _ = image_to_text.rerank_captions(m, images(1), [caps])
     assert best == [caps[int(fast.argmin())]]
 
 

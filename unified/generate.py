@@ -567,13 +567,13 @@ class ImageGenerator:
     @torch.no_grad()
     def flow_loss(self, conditions: list[list[Segment]], tokens: torch.Tensor,
                   times: tuple[float, ...] = (0.3, 0.5, 0.7, 0.85), seed: int = 0,
-                  use_cache: bool = True) -> torch.Tensor:
+                  use_cache: bool = True) -> tuple[torch.Tensor, int]:
         """How well each row's conditions explain an image: the flow-matching loss
         E_t ||v(z_t, t | conditions) - (eps - z0)||^2 of its prior-space tokens [B, n, d],
         averaged over `times`, with the same noise for every row (common random numbers, so
         rows are compared, not their noise). Lower is better: the prior's conditional
         likelihood proxy, e.g. to rank candidate captions of an image ("analysis by
-        synthesis"). Returns [B]."""
+        synthesis"). Returns (loss [B], prior calls made)."""
         m = self.model
         dev = tokens.device
         grid = m.image_grid().to(dev)
@@ -591,4 +591,4 @@ class ImageGenerator:
         mod = torch.full((b * k, n), MODALITY_IMAGE, dtype=torch.long, device=dev)
         v = m.prior_out(prior.velocity(m.prior_in(z_t), t, mod, pos), d)
         err = (v - velocity_target(z0, eps)).pow(2).mean((1, 2))  # [B k]
-        return err.view(b, k).mean(1)
+        return err.view(b, k).mean(1), prior.nfe

@@ -187,10 +187,13 @@ class UnifiedPipeline(DiffusionPipeline):
     def caption(self, image, *, question: str | None = None, prefix: str = "",
                 max_new_tokens: int = 48, steps: int = _TEXT.steps,
                 guidance: float = _TEXT.guidance, shift: float = _TEXT.shift,
-                temperature: float = 0.0, seed: int = 0,
-                method: str = "euler", stream: bool = False) -> TextResult | Iterator[BlockOutput]:
+                temperature: float = 0.0, seed: int = 0, method: str = "euler",
+                rerank: int = 0, stream: bool = False) -> TextResult | Iterator[BlockOutput]:
         """Describe an image (or answer `question` about it), optionally continuing `prefix`.
-        `image`: a PIL image, an H x W x 3 array, a path, or a list of those."""
+        `image`: a PIL image, an H x W x 3 array, a path, or a list of those. `rerank` = K > 1
+        samples K captions (seeds seed .. seed+K-1) and keeps the one the same prior's
+        text-to-image direction explains best (tasks.image_to_text.answer); it costs about K
+        times the prior calls and cannot stream."""
         from tasks import image_to_text
 
         self._need_images()
@@ -202,8 +205,16 @@ class UnifiedPipeline(DiffusionPipeline):
         prefix = check_prompt(prefix, "caption prefix", allow_empty=True)
         gen = GenerationConfig(max_new_tokens=max_new_tokens, steps=steps, guidance=guidance,
                                shift=shift, temperature=temperature, seed=seed, method=method)
-        it = image_to_text.stream(self.model, x.to(self.model.vae.device), [q] * len(images),
-                                  [prefix] * len(images), gen)
+        x, qs, prefixes = x.to(self.model.vae.device), [q] * len(images), [prefix] * len(images)
+        rerank = check_int("rerank", rerank, 0, 64)
+        if rerank > 1:
+            if stream:
+                raise ValueError("a reranked caption cannot stream: it is chosen among finished "
+                                 "samples")
+            t0 = time.perf_counter()
+            out = image_to_text.answer(self.model, x, qs, prefixes, gen, rerank=rerank)
+            return TextResult(out.texts, out.nfe, time.perf_counter() - t0)
+        it = image_to_text.stream(self.model, x, qs, prefixes, gen)
         return it if stream else _finish_text(it, prefix)
 
     def text_to_image(self, prompt: str | list[str], *, steps: int = _IMAGE.steps,
