@@ -177,7 +177,7 @@ class DiT(ModelMixin, ConfigMixin):
     @register_to_config
     def __init__(
         self,
-        modalities: dict[str, int] | None = None,
+        modalities: dict[str, int] | list[list] | None = None,
         width: int = 256,
         depth: int = 6,
         heads: int = 4,
@@ -189,7 +189,13 @@ class DiT(ModelMixin, ConfigMixin):
         act: str = "gelu_tanh",
     ):
         super().__init__()
-        modalities = dict(modalities or {"text": 16})
+        # Modality ids are positions in this order (text 0, image 1, as unified/layout.py).
+        # Stored as a list of [name, dim] pairs: diffusers writes config.json with sorted keys,
+        # which would silently reorder a dict (and swap the projections) on reload.
+        pairs = list((modalities or {"text": 16}).items()) if isinstance(modalities, dict) or \
+            modalities is None else [tuple(m) for m in modalities]
+        self.register_to_config(modalities=[[name, int(d)] for name, d in pairs])
+        modalities = dict(pairs)
         if act not in ACTIVATIONS:
             raise ValueError(f"unknown activation {act!r}; choose one of {sorted(ACTIVATIONS)}")
         if width % heads or (width // heads) % (2 * rope_axes):

@@ -13,6 +13,7 @@ The timestep is per token: a position with t = 0 is clean and stays pinned while
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -71,6 +72,31 @@ def cfg_combine(v_cond: torch.Tensor, v_uncond: torch.Tensor, scale: float) -> t
     return v_uncond + scale * (v_cond - v_uncond)
 
 
+def check_int(name: str, value, lo: int, hi: int) -> int:
+    """`value` as an int in [lo, hi] (an integral float such as 8.0 is accepted), else a
+    ValueError that names the knob: user input reaches here from the CLI and the demo."""
+    if isinstance(value, numbers.Real) and not isinstance(value, (bool, numbers.Integral)):
+        if not float(value).is_integer():
+            raise ValueError(f"{name} must be a whole number, got {value}")
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"{name} must be a whole number, got {value!r}")
+    if not lo <= value <= hi:
+        raise ValueError(f"{name} must be in [{lo}, {hi}], got {value}")
+    return int(value)
+
+
+def check_real(name: str, value, lo: float, hi: float, *, low_open: bool = False) -> float:
+    """`value` as a float in [lo, hi] ((lo, hi] with `low_open`); NaN, infinities and
+    non-numbers are refused with a message that names the knob."""
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and \
+        (lo < value if low_open else lo <= value) and value <= hi
+    if not ok:
+        span = f"({lo:g}, {hi:g}]" if low_open else f"[{lo:g}, {hi:g}]"
+        raise ValueError(f"{name} must be a number in {span}, got {value!r}")
+    return float(value)
+
+
 @dataclass(frozen=True)
 class SamplerConfig:
     """Knobs of the per-block ODE solve."""
@@ -81,14 +107,12 @@ class SamplerConfig:
     guidance: float = 1.0
 
     def __post_init__(self) -> None:
-        if not 1 <= self.steps <= 1000:
-            raise ValueError(f"steps must be in [1, 1000], got {self.steps}")
+        object.__setattr__(self, "steps", check_int("steps", self.steps, 1, 1000))
         if self.method not in SAMPLERS:
             raise ValueError(f"unknown sampler {self.method!r}; choose one of {SAMPLERS}")
-        if not (self.shift > 0 and self.shift < float("inf")):
-            raise ValueError(f"schedule shift must be a finite number > 0, got {self.shift}")
-        if not (0.0 <= self.guidance <= 50.0):
-            raise ValueError(f"guidance must be in [0, 50], got {self.guidance}")
+        if not (isinstance(self.shift, numbers.Real) and 0 < self.shift < float("inf")):
+            raise ValueError(f"schedule shift must be a finite number > 0, got {self.shift!r}")
+        check_real("guidance", self.guidance, 0.0, 50.0)
 
 
 VelocityFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]

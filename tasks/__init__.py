@@ -10,6 +10,7 @@ from __future__ import annotations
 import random
 from collections.abc import Iterator
 
+from tasks.base import SampleContext
 from tasks.image_to_text import INSTRUCTION, ImageToText
 from tasks.text_to_image import TextToImage
 from unified.config import ColaConfig
@@ -55,12 +56,12 @@ class TaskMixture:
         records = iter(image_text_samples(cfg.data.pairs, image_size=cfg.image.size, seed=seed,
                                           resample=True, shuffle_buffer=cfg.data.shuffle_buffer,
                                           skips=skips, same_on_all_ranks=True))
-        rng = random.Random(seed + 1)
-        max_len = max_len or cfg.data.seq_len
+        ctx = SampleContext(tokenizer, random.Random(seed + 1), cfg.tasks,
+                            max_len or cfg.data.seq_len, cfg.layout.block_size)
 
         def task_stream(task):  # every task pulls the next record from the one reader
             for rec in records:
-                yield task.training_sample(rec, tokenizer, rng, cfg.tasks, max_len)
+                yield task.training_sample(rec, ctx)
 
         streams = {name: task_stream(TASKS[name]) for name in cfg.tasks.ratios}
         yield from (smp for _, smp in mix_streams(streams, cfg.tasks.ratios, seed=seed))

@@ -8,6 +8,7 @@ sequence), how generation is conditioned and decoded, and how its output is scor
 from __future__ import annotations
 
 import random
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
@@ -18,11 +19,22 @@ from unified.layout import Segment, SegmentSpec, place
 from unified.model import ColaModel
 
 
+@dataclass
+class SampleContext:
+    """What a task needs to turn records into samples: the tokenizer, the mixture's random
+    stream, the task settings, the longest text piece and the prior's text block size."""
+
+    tokenizer: object
+    rng: random.Random
+    cfg: TasksConfig
+    max_len: int
+    block_size: int
+
+
 class Task(Protocol):
     name: str
 
-    def training_sample(self, record: dict, tokenizer, rng: random.Random, cfg: TasksConfig,
-                        max_len: int) -> TaskSample:
+    def training_sample(self, record: dict, ctx: SampleContext) -> TaskSample:
         """A record {"image": [3, H, W], "caption": str, "meta": dict | None} as a sample."""
         ...
 

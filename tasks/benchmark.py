@@ -54,22 +54,29 @@ def _split(scores: list[dict], heldout: list[bool], prefix: str) -> dict:
 @torch.no_grad()
 def evaluate_shapes(model: ColaModel, data: str | Path, n: int = 500, batch: int = 50, *,
                     text_gen: GenerationConfig | None = None,
-                    image_gen: ImageGenerationConfig | None = None,
+                    image_gen: ImageGenerationConfig | None = None, rerank: int = 0,
                     progress: bool = True) -> dict:
-    """Every figure of the shapes benchmark on the first `n` records of `data`."""
+    """Every figure of the shapes benchmark on the first `n` records of `data`; with
+    `rerank` = K > 1 also the captions chosen among K samples by the text-to-image scorer
+    (`caption_rerank_*`), beside the plain first samples (`caption_*`)."""
     text_gen = text_gen or GenerationConfig(max_new_tokens=48, steps=8, guidance=2.0)
     image_gen = image_gen or ImageGenerationConfig()
     images, scenes, heldout = load_scenes(data, n, model.image_size)
     dev = model.vae.device
     report: dict = {"scenes": len(scenes), "heldout_combo_scenes": sum(heldout)}
-    cap_scores, img_scores, recon_ok, psnrs, examples = [], [], [], [], []
-    t_cap = t_img = 0.0
+    cap_scores, rerank_scores, img_scores, recon_ok, psnrs, examples = [], [], [], [], [], []
+    t_cap = t_img = t_rerank = 0.0
     bar = tqdm(total=len(scenes), desc="shapes eval", disable=not progress)
     for i in range(0, len(scenes), batch):
         x, sc = images[i:i + batch].to(dev), scenes[i:i + batch]
         t0 = time.perf_counter()
         caps = image_to_text.generate(model, x, gen=text_gen)
         t1 = time.perf_counter()
+        if rerank > 1:
+            best = image_to_text.generate(model, x, gen=text_gen, rerank=rerank)
+            rerank_scores += [score_caption(c, s) for c, s in zip(best, sc)]
+            t_rerank += time.perf_counter() - t1
+            t1 = time.perf_counter()
         out = text_to_image.generate(model, [caption(s) for s in sc], image_gen)
         t2 = time.perf_counter()
         t_cap, t_img = t_cap + t1 - t0, t_img + t2 - t1
@@ -86,6 +93,9 @@ def evaluate_shapes(model: ColaModel, data: str | Path, n: int = 500, batch: int
         bar.update(len(sc))
     bar.close()
     report.update(_split(cap_scores, heldout, "caption"))
+    if rerank_scores:
+        report.update(_split(rerank_scores, heldout, f"caption_rerank{rerank}"))
+        report[f"caption_rerank{rerank}_seconds_per_image"] = t_rerank / len(scenes)
     report.update(_split(img_scores, heldout, "image"))
     report["image_vae_psnr_db"] = sum(psnrs) / len(psnrs)
     report["image_vae_recon_exact"] = sum(recon_ok) / len(recon_ok)

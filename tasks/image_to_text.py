@@ -5,14 +5,14 @@ block by block."""
 
 from __future__ import annotations
 
-import random
+import dataclasses
+from dataclasses import dataclass
 
 import torch
 
-from tasks.base import encode_conditions
-from unified.config import TasksConfig
+from tasks.base import SampleContext, encode_conditions
 from unified.data import TaskSample
-from unified.generate import GenerationConfig, TextGenerator
+from unified.generate import GenerationConfig, ImageGenerator, TextGenerator
 from unified.layout import MODALITY_IMAGE, MODALITY_TEXT, ONE_BLOCK, SEG_I, SEG_N, SEG_P, SegmentSpec
 from unified.model import ColaModel
 from vaes.tokenizer import encode_piece
@@ -32,22 +32,24 @@ def recipe(prompt: int) -> list[SegmentSpec]:
 class ImageToText:
     name = NAME
 
-    def training_sample(self, record: dict, tokenizer, rng: random.Random, cfg: TasksConfig,
-                        max_len: int) -> TaskSample:
+    def training_sample(self, record: dict, ctx: SampleContext) -> TaskSample:
         """Caption the image, or (share `question_prob`, when the record carries a shapes
         scene) answer a question about it; a share `caption_prefix_prob` of samples give a
-        random prefix of the answer, so continuing a user's caption is learned too."""
+        random prefix of the answer, so continuing a user's caption is learned too. The
+        answer is padded to whole blocks, as generation fills them."""
+        cfg, rng, tok = ctx.cfg, ctx.rng, ctx.tokenizer
         instruction, answer = INSTRUCTION, record["caption"]
         scene = record.get("meta")
         if cfg.question_prob > 0 and scene and rng.random() < cfg.question_prob:
             from tasks.shapes import Scene, questions
 
             instruction, answer = rng.choice(questions(Scene.from_json(scene)))
-        ids = encode_piece(tokenizer, answer, max_len)
+        ids = encode_piece(tok, answer, ctx.max_len, pad_to=ctx.block_size)
+        n_real = ids.index(tok.eos_token_id) + 1
         prompt = 1  # [bos]
-        if len(ids) > 2 and rng.random() < cfg.caption_prefix_prob:
-            prompt = rng.randrange(1, len(ids) - 1)
-        return TaskSample(NAME, [encode_piece(tokenizer, instruction, max_len), ids],
+        if n_real > 2 and rng.random() < cfg.caption_prefix_prob:
+            prompt = rng.randrange(1, n_real - 1)
+        return TaskSample(NAME, [encode_piece(tok, instruction, ctx.max_len), ids],
                           [record["image"]], recipe(prompt), cfg.cond_drop_prob)
 
 
@@ -74,10 +76,74 @@ def stream(model: ColaModel, images: torch.Tensor, questions: list[str | None] |
     yield from TextGenerator(model).stream(prefixes, gen, use_cache, conditions=rows)
 
 
+@dataclass
+class Answers:
+    texts: list[str]  # one per image, prefix included
+    nfe: int  # prior forward calls in all (samples and scoring)
+
+
+def answer(model: ColaModel, images: torch.Tensor, questions: list[str | None] | None = None,
+           prefixes: list[str] | None = None, gen: GenerationConfig | None = None, *,
+           use_cache: bool = True, rerank: int = 0) -> Answers:
+    """The answers (prefix included) for a batch of images [B, 3, H, W] in [-1, 1].
+
+    `rerank` = K > 1: sample K captions per image (seeds seed .. seed + K - 1) and keep the
+    one under which the same prior best explains the image, i.e. with the lowest
+    text-to-image flow loss ("analysis by synthesis", see `rerank_captions`). Rows that ask
+    a question keep their first sample (the scorer reads captions, not answers)."""
+    gen = gen or GenerationConfig()
+    prefixes = prefixes or [""] * images.shape[0]
+    samples, nfe = [], 0
+    for k in range(max(1, rerank)):
+        g = dataclasses.replace(gen, seed=gen.seed + k)
+        *_, last = stream(model, images, questions, prefixes, g, use_cache=use_cache)
+        samples.append([(p + t) for p, t in zip(prefixes, last.texts)])
+        nfe += last.nfe
+    best = samples[0]
+    if rerank > 1:
+        asks = questions or [None] * images.shape[0]
+        todo = [i for i, q in enumerate(asks) if q is None or not q.strip()]
+        if todo:
+            chosen, calls = rerank_captions(model, images[todo], [[c[i] for c in samples]
+                                                                  for i in todo])
+            nfe += calls
+            for i, caption in zip(todo, chosen):
+                best[i] = caption
+    return Answers(best, nfe)
+
+
 def generate(model: ColaModel, images: torch.Tensor, questions: list[str | None] | None = None,
              prefixes: list[str] | None = None, gen: GenerationConfig | None = None, *,
-             use_cache: bool = True) -> list[str]:
-    """The answers (prefix included) for a batch of images."""
-    prefixes = prefixes or [""] * images.shape[0]
-    *_, last = stream(model, images, questions, prefixes, gen, use_cache=use_cache)
-    return [(p + t) for p, t in zip(prefixes, last.texts)]
+             use_cache: bool = True, rerank: int = 0) -> list[str]:
+    """The answer texts of `answer`."""
+    return answer(model, images, questions, prefixes, gen, use_cache=use_cache,
+                  rerank=rerank).texts
+
+
+@torch.no_grad()
+def rerank_captions(model: ColaModel, images: torch.Tensor, candidates: list[list[str]]
+                    ) -> tuple[list[str], int]:
+    """For each image [3, H, W] its candidate caption with the lowest text-to-image flow loss
+    of the image's latent tokens (unified.generate.ImageGenerator.flow_loss), and the prior
+    calls it took."""
+    from tasks import text_to_image
+
+    tokens = model.encode_images(images.to(model.vae.device))  # [B, n, d]
+    rows, owner, texts = [], [], []
+    for i, cands in enumerate(candidates):
+        for c in dict.fromkeys(cands):  # unique, in sampling order
+            try:
+                ids = encode_piece(model.tokenizer, c, model.vae.config.max_len)
+            except ValueError:  # longer than any caption condition: not a candidate
+                continue
+            rows.append(encode_conditions(model, text_to_image.CONDITION, [ids], []))
+            owner.append(i)
+            texts.append(c)
+    best = {i: (cands[0], float("inf")) for i, cands in enumerate(candidates)}
+    nfe = 0
+    if rows:
+        loss, nfe = ImageGenerator(model).flow_loss(rows, tokens[owner])
+        for i, c, v in zip(owner, texts, loss.tolist()):
+            if v < best[i][1]:
+                best[i] = (c, v)
+    return [best[i][0] for i in range(len(candidates))], nfe

@@ -4,11 +4,9 @@ its objects (tasks/shapes_eval.py)."""
 
 from __future__ import annotations
 
-import random
 from collections.abc import Callable
 
-from tasks.base import encode_conditions
-from unified.config import TasksConfig
+from tasks.base import SampleContext, encode_conditions
 from unified.data import TaskSample
 from unified.generate import ImageGenerationConfig, ImageGenerator, ImageOutput
 from unified.layout import MODALITY_IMAGE, MODALITY_TEXT, ONE_BLOCK, SEG_C, SEG_I, SegmentSpec
@@ -23,10 +21,9 @@ RECIPE = [*CONDITION, SegmentSpec(SEG_I, MODALITY_IMAGE, 0, target=True, blocks=
 class TextToImage:
     name = NAME
 
-    def training_sample(self, record: dict, tokenizer, rng: random.Random, cfg: TasksConfig,
-                        max_len: int) -> TaskSample:
-        return TaskSample(NAME, [encode_piece(tokenizer, record["caption"], max_len)],
-                          [record["image"]], RECIPE, cfg.cond_drop_prob)
+    def training_sample(self, record: dict, ctx: SampleContext) -> TaskSample:
+        return TaskSample(NAME, [encode_piece(ctx.tokenizer, record["caption"], ctx.max_len)],
+                          [record["image"]], RECIPE, ctx.cfg.cond_drop_prob)
 
 
 def generate(model: ColaModel, prompts: list[str], gen: ImageGenerationConfig | None = None, *,

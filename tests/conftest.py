@@ -1,6 +1,8 @@
 """Shared fixtures: a tiny unified model with random weights (text VAE, image VAE, two-modality
 prior) on a tokenizer trained on shapes captions and stdlib prose."""
 
+import os
+
 import pytest
 import torch
 
@@ -11,6 +13,9 @@ from unified.model import ColaModel
 from vaes.image_vae import set_latent_stats, small_image_vae
 from vaes.text_vae import TextVAE
 from vaes.tokenizer import train_tokenizer
+
+# the demo tests start Gradio servers: no usage analytics from a test run (make test sets it too)
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 
 def shapes_texts(n=300):
@@ -58,3 +63,28 @@ def make_tiny_unified(tokenizer, seed=0) -> ColaModel:
 @pytest.fixture(scope="session")
 def tiny_unified(unified_tokenizer):
     return make_tiny_unified(unified_tokenizer)
+
+
+@pytest.fixture(scope="session")
+def tiny_unified_checkpoint(tiny_unified, tmp_path_factory):
+    """The tiny unified model saved as a model folder (for the CLI and the demo server)."""
+    folder = tmp_path_factory.mktemp("tiny-unified")
+    tiny_unified.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def text_only_checkpoint(unified_tokenizer, tmp_path_factory):
+    """A tiny text-only model folder (no image VAE, a text-only prior), like the old bundled
+    checkpoint: the demo and the CLI must say that it cannot see images."""
+    from prior.dit import DiT
+
+    torch.manual_seed(0)
+    tok = unified_tokenizer
+    vae = TextVAE(vocab_size=len(tok), latent_dim=8, width=32, enc_layers=1, dec_layers=1,
+                  heads=2, max_len=64)
+    vae.set_latent_stats(torch.zeros(8), torch.ones(8))
+    dit = DiT(modalities={"text": 8}, width=32, depth=1, heads=2, attn_backend="sdpa")
+    folder = tmp_path_factory.mktemp("tiny-text-only")
+    ColaModel(vae, dit, tok, TextLayoutConfig(block_size=4)).eval().save_pretrained(folder)
+    return folder

@@ -26,21 +26,22 @@ def test_image_text_samples_skip_and_count_bad_input(tmp_path):
         w.write({"__key__": "s2", "png": png_bytes((0, 0, 255), 64), "txt": "a blue image"})
         w.write({"__key__": "s3", "png": png_bytes((0, 255, 0))})  # caption missing
         w.write({"__key__": "s4", "txt": "image missing"})
+        w.write({"__key__": "s5", "jpg": b"\xff\xd8\xff\xe0 broken jpeg", "txt": "corrupt jpg"})
     raw = good.read_bytes()
     (tmp_path / "b-000000.tar").write_bytes(raw[: len(raw) // 2])  # truncated copy
     skips = SkipCounter()
     out = list(image_text_samples(str(tmp_path), image_size=32, skips=skips))
     good_keys = [s["key"] for s in out]
     assert good_keys.count("s0") >= 1 and "s2" in good_keys
-    assert not {"s1", "s3", "s4"} & set(good_keys)
+    assert not {"s1", "s3", "s4", "s5"} & set(good_keys)
     s0 = next(s for s in out if s["key"] == "s0")
     assert s0["image"].shape == (3, 32, 32) and s0["caption"] == "a red image"
     assert torch.allclose(s0["image"][0], torch.ones(32, 32)) and s0["image"][2].max() == -1
     assert s0["meta"] == {"objects": 1}
     s2 = next(s for s in out if s["key"] == "s2")
     assert s2["image"].shape == (3, 32, 32)  # resized from 64x64
-    # three bad samples in the good shard (twice if the truncated copy reached them) + the cut
-    assert skips.total >= 4
+    # four bad samples in the good shard (twice if the truncated copy reached them) + the cut
+    assert skips.total >= 5
     assert any("Image" in k or "Decoding" in k for k in skips.counts)
     assert np.isfinite(s2["image"].numpy()).all()
 

@@ -147,6 +147,21 @@ def test_dit_round_trip(tmp_path):
     assert torch.equal(v1, v2)
 
 
+def test_two_modality_dit_round_trip_keeps_modality_ids(tmp_path):
+    """Modality ids are positions in the modality list: a reload must not reorder them (the
+    config is written with sorted keys; "image" sorts before "text")."""
+    dit = tiny_dit({"text": 8, "image": 12}).eval()
+    dit.set_backend("reference")
+    randomize_(dit, 3)
+    dit.save_pretrained(tmp_path / "prior")
+    loaded = DiT.from_pretrained(tmp_path / "prior", low_cpu_mem_usage=False).eval()
+    loaded.set_backend("reference")
+    assert loaded.modality_names == ["text", "image"] and loaded.latent_width == 12
+    inputs = dit_inputs(d=12, n_modalities=2)
+    with torch.no_grad():
+        assert torch.equal(dit(*inputs), loaded(*inputs))
+
+
 def test_dit_zero_init_gives_zero_velocity():
     torch.manual_seed(0)
     for modalities in ({"text": 8}, {"text": 8, "image": 4}):

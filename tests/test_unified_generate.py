@@ -72,3 +72,38 @@ def test_text_to_image_rows_follow_their_prompt(tiny_unified):
 def test_empty_image_prompt_is_refused(tiny_unified, prompt):
     with pytest.raises(ValueError, match="empty"):
         text_to_image.generate(tiny_unified, [prompt])
+
+
+def test_flow_loss_cached_equals_reference_and_reranking_takes_the_argmin(tiny_unified):
+    from tasks.base import encode_conditions
+    from unified.generate import ImageGenerator
+    from vaes.tokenizer import encode_piece
+
+    m = tiny_unified
+    caps = ["a large red circle at the top left", "a small blue square at the center",
+            "two objects: a small blue square at the center and a large green cross at the top"]
+    rows = [encode_conditions(m, text_to_image.CONDITION, [encode_piece(m.tokenizer, c, 64)], [])
+            for c in caps]
+    tokens = m.encode_images(images(1)).expand(3, -1, -1)
+    fast, nfe = ImageGenerator(m).flow_loss(rows, tokens)
+    slow, _ = ImageGenerator(m).flow_loss(rows, tokens, use_cache=False)
+    assert fast.shape == (3,) and torch.allclose(fast, slow, atol=1e-5)
+    assert nfe == 2  # the captions' prefix call, then one call for every (caption, time)
+    assert len(set(fast.tolist())) == 3  # the caption matters
+    assert torch.equal(ImageGenerator(m).flow_loss(rows, tokens)[0], fast)  # fixed noise
+    best, _ = image_to_text.rerank_captions(m, images(1), [caps])
+    assert best == [caps[int(fast.argmin())]]
+
+
+def test_caption_rerank_returns_one_of_its_samples(tiny_unified):
+    gen = GenerationConfig(max_new_tokens=6, steps=2, guidance=1.0, seed=5)
+    x = images(2)
+    samples = [image_to_text.generate(tiny_unified, x, gen=GenerationConfig(
+        max_new_tokens=6, steps=2, guidance=1.0, seed=5 + k)) for k in range(3)]
+    best = image_to_text.generate(tiny_unified, x, gen=gen, rerank=3)
+    assert all(best[i] in {s[i] for s in samples} for i in range(2))
+    # a row with a question keeps its first sample
+    asked = image_to_text.generate(tiny_unified, x, ["how many objects are there?", None],
+                                   gen=gen, rerank=3)
+    assert asked[0] == image_to_text.generate(tiny_unified, x, ["how many objects are there?",
+                                                                None], gen=gen)[0]

@@ -201,3 +201,23 @@ def test_clean_history_is_detached_and_targets_carry_gradient():
     z.grad = None
     lay.z[~lay.meta.noisy & (lay.meta.sample >= 0)].sum().backward()
     assert z.grad is None or z.grad.abs().sum() == 0  # stop-gradient on the history
+
+
+def test_image_and_text_targets_are_isolated():
+    """DESIGN §3: in image-to-text the image condition never sees the answer (clean or noisy);
+    in text-to-image the caption never sees the image and the image never sees another row's
+    tokens; rows of different samples never see each other."""
+    lay = build_layout([i2t(), t2i(), i2t(prompt=1)], 4, TIMES,
+                       generator=torch.Generator().manual_seed(5))
+    m = lay.attention_mask()
+    for b in (0, 2):
+        seg = lay.segment[b]
+        img, ans = seg == SEG_I, (seg == SEG_N) | (seg == SEG_C)
+        assert img.any() and ans.any()
+        assert not m[b][img][:, ans].any()
+        assert not lay.meta.noisy[b][img].any()  # a condition: clean only
+    seg, noisy = lay.segment[1], lay.meta.noisy[1]
+    cap, img = seg == SEG_C, seg == SEG_I
+    assert not m[1][cap][:, img].any() and (img == noisy).all()  # only the target is noisy
+    # one sample per row: the attention of a row involves that row only (padding excluded)
+    assert (lay.meta.sample[lay.meta.sample >= 0] == 0).all()

@@ -7,6 +7,9 @@
     cola train --preset text-default --stage 2 --init runs/s1/final --out runs/s2
     cola export runs/s2/final demo/checkpoint
     cola generate "The function returns" --max-new-tokens 64 --guidance 2 --seed 0
+    cola caption scene.png --question "how many objects are there?"
+    cola imagine "a large red circle at the top left" -o out.png --trajectory strip.png
+    cola demo                      # the Gradio demo on http://127.0.0.1:7860
     cola eval text-vae --checkpoint demo/checkpoint
     cola latent-stats --vae runs/image-vae --data data/shapes/train
 """
@@ -20,11 +23,16 @@ import shutil
 import sys
 from pathlib import Path
 
-DEFAULT_CHECKPOINT = Path(__file__).resolve().parent.parent / "demo" / "checkpoint"
+from unified.cli_tasks import DEFAULT_CHECKPOINT, UserError, add_parsers
+
+__all__ = ["DEFAULT_CHECKPOINT", "UserError", "build_parser", "main"]
 
 
-class UserError(Exception):
-    """An error caused by the input; printed as one clear line, no traceback."""
+class _Parser(argparse.ArgumentParser):
+    """Reports a usage error (a bad number, a missing argument) as one line, exit code 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -110,23 +118,6 @@ def _load(checkpoint: str):
     return ColaModel.from_pretrained(checkpoint, device=device)
 
 
-def cmd_generate(args) -> None:
-    from unified.generate import GenerationConfig, TextGenerator
-
-    gen = GenerationConfig(max_new_tokens=args.max_new_tokens, steps=args.steps,
-                           guidance=args.guidance, shift=args.shift, method=args.sampler,
-                           temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                           seed=args.seed)
-    engine = TextGenerator(_load(args.checkpoint))
-    print(args.prompt, end="", flush=True)
-    shown = ""
-    for out in engine.stream([args.prompt], gen):
-        text = out.texts[0]
-        print(text[len(shown):], end="", flush=True)
-        shown = text
-    print()
-
-
 def cmd_eval(args) -> None:
     model = _load(args.checkpoint)
     report = {}
@@ -146,7 +137,8 @@ def cmd_eval(args) -> None:
             text_gen=GenerationConfig(max_new_tokens=min(48, model.vae.config.max_len - 1),
                                       steps=args.steps,
                                       guidance=args.text_guidance),
-            image_gen=ImageGenerationConfig(steps=args.steps, guidance=args.image_guidance)))
+            image_gen=ImageGenerationConfig(steps=args.image_steps, guidance=args.image_guidance),
+            rerank=args.rerank))
     examples = report.pop("examples", [])
     for key, val in report.items():
         print(f"{key:>32}: {val:.4f}" if isinstance(val, float) else f"{key:>32}: {val}")
@@ -188,8 +180,10 @@ def cmd_latent_stats(args) -> None:
 
 # --------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="cola", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    from unified.generate import GenerationConfig, ImageGenerationConfig
+
+    p = _Parser(prog="cola", description=__doc__,
+                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-v", "--verbose", action="store_true")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -227,23 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="storage precision of the weights (loading always computes in fp32)")
     s.set_defaults(fn=cmd_export)
 
-    from prior.flow import SAMPLERS
-    from unified.generate import GenerationConfig
-
-    d = GenerationConfig()
-    s = sub.add_parser("generate", help="continue a text prompt")
-    s.add_argument("prompt")
-    s.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT))
-    s.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
-    s.add_argument("--steps", type=int, default=d.steps, help="ODE steps per block")
-    s.add_argument("--guidance", type=float, default=d.guidance, help="CFG scale (1 = off)")
-    s.add_argument("--shift", type=float, default=d.shift, help="SD3 schedule shift")
-    s.add_argument("--sampler", default=d.method, choices=list(SAMPLERS))
-    s.add_argument("--temperature", type=float, default=d.temperature, help="0 = greedy")
-    s.add_argument("--top-k", type=int, default=d.top_k)
-    s.add_argument("--top-p", type=float, default=d.top_p)
-    s.add_argument("--seed", type=int, default=d.seed)
-    s.set_defaults(fn=cmd_generate)
+    add_parsers(sub)  # generate, caption, imagine, demo
 
     s = sub.add_parser("latent-stats", help="per-channel latent statistics of an image VAE")
     s.add_argument("--vae", required=True, help="a diffusers AutoencoderKL folder")
@@ -262,15 +240,24 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--shapes-data", default="data/shapes/heldout",
                    help="held-out shapes shards (cola make-shards shapes)")
     s.add_argument("-n", type=int, default=500, help="shapes: scenes to evaluate")
-    s.add_argument("--steps", type=int, default=8, help="shapes: ODE steps per block / image")
-    s.add_argument("--text-guidance", type=float, default=2.0)
-    s.add_argument("--image-guidance", type=float, default=4.0)
+    s.add_argument("--steps", type=int, default=GenerationConfig.steps,
+                   help="shapes: ODE steps per caption block")
+    s.add_argument("--image-steps", type=int, default=ImageGenerationConfig.steps,
+                   help="shapes: ODE steps per image")
+    s.add_argument("--rerank", type=int, default=8, metavar="K",
+                   help="shapes: also caption by choosing among K samples with the "
+                        "text-to-image scorer (0 = plain sampling only)")
+    s.add_argument("--text-guidance", type=float, default=GenerationConfig.guidance)
+    s.add_argument("--image-guidance", type=float, default=ImageGenerationConfig.guidance)
     s.set_defaults(fn=cmd_eval)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # --help (0) or a usage error (2, one line already printed)
+        return e.code if isinstance(e.code, int) else 2
     _setup_logging(args.verbose)
     _threads()
     try:

@@ -134,6 +134,10 @@ class TrainConfig:
     max_bad_steps: int = 20  # consecutive non-finite losses before the run stops
     ema_decay: float = 0.0  # stage 2: EMA of the prior (0 = off); the export uses the EMA
     parallel: str = "ddp"  # under torchrun: "ddp" (replicated) or "fsdp" (FSDP2, sharded)
+    # this stage's global batch, when it differs from data.batch_size / data.pair_batch_size
+    # (e.g. more prose rows for the Text VAE in stage 1 than the prior needs in stage 2)
+    batch_size: int | None = None
+    pair_batch_size: int | None = None
 
 
 @dataclass

@@ -27,7 +27,15 @@ from dataclasses import dataclass
 import torch
 
 from prior.attention import TokenMeta
-from prior.flow import SamplerConfig, cfg_combine, integrate
+from prior.flow import (
+    SamplerConfig,
+    cfg_combine,
+    check_int,
+    check_real,
+    integrate,
+    interpolate,
+    velocity_target,
+)
 from unified.layout import (
     MODALITY_IMAGE,
     MODALITY_TEXT,
@@ -39,6 +47,8 @@ from unified.layout import (
     text_positions,
 )
 from unified.model import ColaModel
+
+MAX_SEED = 2**63 - 2  # the token generator is seeded with seed + 1
 
 
 def _check_sampler(steps, method, shift, guidance) -> SamplerConfig:
@@ -60,15 +70,13 @@ class GenerationConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if not (0.0 <= self.temperature <= 10.0):
-            raise ValueError(f"temperature must be in [0, 10], got {self.temperature}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
-        if not (0.0 < self.top_p <= 1.0):
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        _ = self.sampler
+        set_ = lambda k, v: object.__setattr__(self, k, v)  # a frozen dataclass
+        set_("max_new_tokens", check_int("max_new_tokens", self.max_new_tokens, 1, 1 << 20))
+        check_real("temperature", self.temperature, 0.0, 10.0)
+        set_("top_k", check_int("top_k", self.top_k, 0, 1 << 30))
+        check_real("top_p", self.top_p, 0.0, 1.0, low_open=True)
+        set_("seed", check_int("seed", self.seed, 0, MAX_SEED))
+        set_("steps", self.sampler.steps)
 
     @property
     def sampler(self) -> SamplerConfig:
@@ -86,7 +94,8 @@ class ImageGenerationConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        _ = self.sampler
+        object.__setattr__(self, "seed", check_int("seed", self.seed, 0, MAX_SEED))
+        object.__setattr__(self, "steps", self.sampler.steps)
 
     @property
     def sampler(self) -> SamplerConfig:
@@ -185,9 +194,11 @@ class Prefix:
         sample = torch.where(self.valid, 0, -1)
         meta = TokenMeta(sample, self.block, torch.zeros_like(self.valid))
         cd = torch.full_like(self.valid, dropped) & self.valid
+        # segment and loss mask play no part in the attention rule: placeholders
         return Layout(self.z, torch.zeros(self.valid.shape, device=self.z.device),
-                      self.modality, self.positions, meta, sample, self.droppable & self.valid,
-                      cd, torch.zeros_like(self.valid))
+                      self.modality, self.positions, meta, segment=sample,
+                      droppable=self.droppable & self.valid, cond_dropped=cd,
+                      loss_mask=torch.zeros_like(self.valid))
 
 
 def next_position(segments: list[Segment]) -> int:
@@ -278,20 +289,26 @@ class _ReferencePrior:
         self.nfe = 0
         self.hist = prefix  # grows by one block per commit
 
+    def _next_block(self, b: int, n: int, device) -> torch.Tensor:
+        """Block ids [B, n] of a new block: one past each row's last history block."""
+        h = self.hist
+        last = torch.where(h.valid, h.block, -1).amax(1, keepdim=True) if h.length else \
+            torch.full((b, 1), -1, device=device, dtype=torch.long)
+        return (last + 1).expand(b, n)
+
     def _layout(self, z, t, modality, pos, dropped: bool) -> Layout:
         h, (b, n) = self.hist, z.shape[:2]
         dev = z.device
-        last = torch.where(h.valid, h.block, -1).amax(1, keepdim=True) if h.length else \
-            torch.full((b, 1), -1, device=dev, dtype=torch.long)
         ones = torch.ones(b, n, dtype=torch.bool, device=dev)
         sample = torch.cat([torch.where(h.valid, 0, -1), torch.zeros_like(ones, dtype=torch.long)], 1)
-        meta = TokenMeta(sample, torch.cat([h.block, (last + 1).expand(b, n)], 1),
+        meta = TokenMeta(sample, torch.cat([h.block, self._next_block(b, n, dev)], 1),
                          torch.cat([torch.zeros_like(h.valid), ones], 1))
         valid = sample >= 0
+        # segment and loss mask play no part in the attention rule: placeholders
         return Layout(torch.cat([h.z, z], 1), torch.cat([torch.zeros(h.valid.shape, device=dev), t], 1),
                       torch.cat([h.modality, modality], 1), torch.cat([h.positions, pos], 1),
-                      meta, sample, torch.cat([h.droppable & h.valid, ~ones], 1),
-                      torch.full_like(valid, dropped) & valid, torch.cat([~h.valid, ones], 1))
+                      meta, segment=sample, droppable=torch.cat([h.droppable & h.valid, ~ones], 1),
+                      cond_dropped=torch.full_like(valid, dropped) & valid, loss_mask=valid)
 
     def velocity(self, z, t, modality, pos):
         outs = []
@@ -304,12 +321,10 @@ class _ReferencePrior:
 
     def commit(self, z, modality, pos) -> None:
         h, (b, n) = self.hist, z.shape[:2]
-        last = torch.where(h.valid, h.block, -1).amax(1, keepdim=True) if h.length else \
-            torch.full((b, 1), -1, device=z.device, dtype=torch.long)
         ones = torch.ones(b, n, dtype=torch.bool, device=z.device)
         self.hist = Prefix(torch.cat([h.z, z], 1), torch.cat([h.modality, modality], 1),
                            torch.cat([h.positions, pos], 1),
-                           torch.cat([h.block, (last + 1).expand(b, n)], 1),
+                           torch.cat([h.block, self._next_block(b, n, z.device)], 1),
                            torch.cat([h.valid, ones], 1), torch.cat([h.droppable, ~ones], 1))
 
 
@@ -561,3 +576,32 @@ class ImageGenerator:
         images = m.decode_image_tokens(z)
         traj = [m.decode_image_tokens(e) for _, e in estimates]
         return ImageOutput(z, images, traj, [t for t, _ in estimates], prior.nfe)
+
+    @torch.no_grad()
+    def flow_loss(self, conditions: list[list[Segment]], tokens: torch.Tensor,
+                  times: tuple[float, ...] = (0.3, 0.5, 0.7, 0.85), seed: int = 0,
+                  use_cache: bool = True) -> tuple[torch.Tensor, int]:
+        """How well each row's conditions explain an image: the flow-matching loss
+        E_t ||v(z_t, t | conditions) - (eps - z0)||^2 of its prior-space tokens [B, n, d],
+        averaged over `times`, with the same noise for every row (common random numbers, so
+        rows are compared, not their noise). Lower is better: the prior's conditional
+        likelihood proxy, e.g. to rank candidate captions of an image ("analysis by
+        synthesis"). Returns (loss [B], prior calls made)."""
+        m = self.model
+        dev = tokens.device
+        grid = m.image_grid().to(dev)
+        b, n, d = tokens.shape
+        k = len(times)
+        rows = [c for c in conditions for _ in times]  # row-major: (row, time)
+        prefix = Prefix.from_rows(rows, m.block_size, m.prior.latent_width, dev)
+        prior = _prior_session(m.prior, prefix, 1.0, use_cache)
+        eps = torch.randn(k, n, d, device=dev,
+                          generator=torch.Generator(device=dev).manual_seed(seed)).repeat(b, 1, 1)
+        t = torch.tensor(times, device=dev).repeat(b)[:, None].expand(b * k, n)
+        z0 = tokens.repeat_interleave(k, 0)  # [B k, n, d]
+        z_t = interpolate(z0, eps, t)
+        pos = torch.stack([image_positions(grid, next_position(c)) for c in rows])
+        mod = torch.full((b * k, n), MODALITY_IMAGE, dtype=torch.long, device=dev)
+        v = m.prior_out(prior.velocity(m.prior_in(z_t), t, mod, pos), d)
+        err = (v - velocity_target(z0, eps)).pow(2).mean((1, 2))  # [B k]
+        return err.view(b, k).mean(1), prior.nfe

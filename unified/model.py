@@ -226,7 +226,7 @@ class ColaModel(nn.Module):
         if n_prose:
             lay = text_to_text_layout(z0[:n_prose], lat_s[:n_prose], lat_p[:n_prose],
                                       self.layout_cfg, generator)
-            task_losses["text_to_text"] = self._flow_losses(lay, None)["all"]
+            task_losses["text_to_text"] = self._flow_loss(lay)
         if batch.get("pairs"):
             task_losses.update(self._pair_flow_losses(batch["pairs"], z0[n_prose:], w, generator))
         weights = {k: w.task_weights.get(k, 1.0) for k in task_losses}
@@ -237,34 +237,31 @@ class ColaModel(nn.Module):
                     **{f"fm_{k}": v.detach() for k, v in task_losses.items()})
         return loss, logs
 
-    def _flow_losses(self, lay, groups: list[str] | None) -> dict[str, torch.Tensor]:
-        """Token-mean velocity MSE of a layout, overall ("all") and per group of rows."""
+    def _flow_loss(self, lay) -> torch.Tensor:
+        """Token-mean velocity MSE over a layout's loss tokens."""
         z, target = self.prior_in(lay.z), self.prior_in(lay.target)
         v = self.prior(z, lay.t, lay.modality, lay.positions, lay.attention_mask())
         err = (v.float() - target.float()).pow(2).mean(-1) * lay.loss_mask  # [B, N]
-        out = {"all": err.sum() / lay.loss_mask.sum().clamp_min(1)}
-        if groups is not None:
-            per_row, n_row = err.sum(1), lay.loss_mask.sum(1)
-            for name in dict.fromkeys(groups):
-                sel = torch.tensor([g == name for g in groups], device=err.device)
-                out[name] = per_row[sel].sum() / n_row[sel].sum().clamp_min(1)
-        return out
+        return err.sum() / lay.loss_mask.sum().clamp_min(1)
 
     def _pair_flow_losses(self, pairs: dict, z_pieces: torch.Tensor, w: LossConfig,
                           generator) -> dict[str, torch.Tensor]:
-        """Flow loss of every task sample: latents of its text pieces and images placed as its
-        recipe says (unified.layout.place), in one 2L layout."""
+        """Flow loss of every task: the latents of each sample's text pieces and images placed
+        as its recipe says (unified.layout.place), one 2L layout per task (samples of a task
+        have similar lengths, so rows carry little padding)."""
         texts = [z_pieces[r, s:s + n] for r, s, n in pairs["piece_index"].tolist()]
         images = []
         if pairs["images"].shape[0]:
             with torch.no_grad():  # the image VAE is frozen in stage 2
                 images = list(self.encode_images(pairs["images"], w.sample_posterior, generator))
         grid = self.image_grid() if self.image_vae is not None else torch.zeros(0, 2)
-        samples = [place(recipe, texts, images, grid) for recipe in pairs["recipes"]]
-        lay = build_layout(samples, self.block_size, self.times, list(pairs["cond_drop"]),
-                           generator)
-        losses = self._flow_losses(lay, pairs["tasks"])
-        del losses["all"]
+        losses = {}
+        for task in dict.fromkeys(pairs["tasks"]):
+            rows = [i for i, name in enumerate(pairs["tasks"]) if name == task]
+            samples = [place(pairs["recipes"][i], texts, images, grid) for i in rows]
+            lay = build_layout(samples, self.block_size, self.times,
+                               [pairs["cond_drop"][i] for i in rows], generator)
+            losses[task] = self._flow_loss(lay)
         return losses
 
     # ----------------------------------------------------------------- save / load

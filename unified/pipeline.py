@@ -15,6 +15,7 @@ requests. Bad arguments raise ValueError with a message meant for the user.
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,10 +25,12 @@ import torch
 from diffusers import DiffusionPipeline
 from PIL import Image
 
+from prior.flow import check_int
 from unified.generate import BlockOutput, GenerationConfig, ImageGenerationConfig
 from unified.layout import TextLayoutConfig, TimeConfig
 from unified.model import ColaModel
 
+_TEXT, _IMAGE = GenerationConfig(), ImageGenerationConfig()  # default knobs: one source
 MAX_IMAGE_SIDE = 4096  # larger uploads are refused, not resized (memory)
 MAX_PROMPT_CHARS = 2000
 
@@ -58,15 +61,39 @@ def to_pil(images: torch.Tensor) -> list[Image.Image]:
     return [Image.fromarray(a.cpu().numpy(), mode="RGB") for a in arr]
 
 
+def _check_image_size(w: int, h: int) -> None:
+    if max(w, h) > MAX_IMAGE_SIDE:
+        raise ValueError(f"the image is too large ({w} x {h}); at most {MAX_IMAGE_SIDE} pixels "
+                         f"a side")
+    if min(w, h) < 1:
+        raise ValueError("the image is empty")
+
+
+def open_image(path: str | Path) -> Image.Image:
+    """Read an image file; ValueError (one readable line) for a missing, unreadable or too
+    large file. The size is checked from the header, before the pixels are decoded."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"no such image file: {path}")
+    try:
+        with warnings.catch_warnings():  # the size check below refuses huge images anyway
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(path)
+    except Exception as e:  # noqa: BLE001 - any decoding failure is the user's file
+        raise ValueError(f"not a readable image: {path.name} ({type(e).__name__}: {e})") from None
+    _check_image_size(*image.size)
+    try:
+        image.load()
+    except Exception as e:  # noqa: BLE001 - e.g. a truncated file
+        raise ValueError(f"not a readable image: {path.name} ({type(e).__name__}: {e})") from None
+    return image
+
+
 def prepare_image(image, size: int) -> torch.Tensor:
     """A PIL image, an array (HWC uint8 or float in [0, 1]) or a path -> [3, size, size] in
     [-1, 1]. Raises ValueError for anything that is not a readable, reasonably sized image."""
     if isinstance(image, (str, Path)):
-        try:
-            image = Image.open(image)
-            image.load()
-        except Exception as e:  # noqa: BLE001 - any decoding failure is the user's file
-            raise ValueError(f"not a readable image: {e}") from None
+        image = open_image(image)
     if isinstance(image, np.ndarray):
         if image.ndim != 3 or image.shape[-1] not in (3, 4):
             raise ValueError(f"an image array must be H x W x 3 (or 4), got shape {image.shape}")
@@ -77,12 +104,7 @@ def prepare_image(image, size: int) -> torch.Tensor:
         image = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), mode="RGB")
     if not isinstance(image, Image.Image):
         raise ValueError(f"expected an image, got {type(image).__name__}")
-    w, h = image.size
-    if max(w, h) > MAX_IMAGE_SIDE:
-        raise ValueError(f"the image is too large ({w} x {h}); at most {MAX_IMAGE_SIDE} pixels "
-                         f"a side")
-    if min(w, h) < 1:
-        raise ValueError("the image is empty")
+    _check_image_size(*image.size)
     image = image.convert("RGB")
     if image.size != (size, size):
         image = image.resize((size, size), Image.BICUBIC)
@@ -90,7 +112,7 @@ def prepare_image(image, size: int) -> torch.Tensor:
     return arr / 127.5 - 1.0
 
 
-def _check_prompt(prompt: str, what: str = "prompt", allow_empty: bool = False) -> str:
+def check_prompt(prompt: str, what: str = "prompt", allow_empty: bool = False) -> str:
     if not isinstance(prompt, str):
         raise ValueError(f"the {what} must be text, got {type(prompt).__name__}")
     if len(prompt) > MAX_PROMPT_CHARS:
@@ -144,28 +166,34 @@ class UnifiedPipeline(DiffusionPipeline):
             raise ValueError("this model has no image side (a text-only checkpoint)")
 
     # ----------------------------------------------------------------- tasks
-    def generate_text(self, prompt: str | list[str], *, max_new_tokens: int = 64,
-                      steps: int = 8, guidance: float = 2.0, shift: float = 1.0,
+    def generate_text(self, prompt: str | list[str], *, max_new_tokens: int = _TEXT.max_new_tokens,
+                      steps: int = _TEXT.steps, guidance: float = _TEXT.guidance,
+                      shift: float = _TEXT.shift,
                       temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
-                      seed: int = 0, stream: bool = False) -> TextResult | Iterator[BlockOutput]:
+                      seed: int = 0, method: str = "euler", stream: bool = False
+                      ) -> TextResult | Iterator[BlockOutput]:
         """Continue a prompt (or a list of prompts) block by block; `stream=True` yields a
         BlockOutput per block instead of the final TextResult."""
         from tasks import text_to_text
 
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        prompts = [_check_prompt(p) for p in prompts]
+        prompts = [check_prompt(p) for p in prompts]
         gen = GenerationConfig(max_new_tokens=max_new_tokens, steps=steps, guidance=guidance,
                                shift=shift, temperature=temperature, top_k=top_k, top_p=top_p,
-                               seed=seed)
+                               seed=seed, method=method)
         it = text_to_text.stream(self.model, prompts, gen)
         return it if stream else _finish_text(it)
 
     def caption(self, image, *, question: str | None = None, prefix: str = "",
-                max_new_tokens: int = 48, steps: int = 8, guidance: float = 2.0,
-                shift: float = 1.0, temperature: float = 0.0, seed: int = 0,
-                stream: bool = False) -> TextResult | Iterator[BlockOutput]:
+                max_new_tokens: int = 48, steps: int = _TEXT.steps,
+                guidance: float = _TEXT.guidance, shift: float = _TEXT.shift,
+                temperature: float = 0.0, seed: int = 0, method: str = "euler",
+                rerank: int = 0, stream: bool = False) -> TextResult | Iterator[BlockOutput]:
         """Describe an image (or answer `question` about it), optionally continuing `prefix`.
-        `image`: a PIL image, an H x W x 3 array, a path, or a list of those."""
+        `image`: a PIL image, an H x W x 3 array, a path, or a list of those. `rerank` = K > 1
+        samples K captions (seeds seed .. seed+K-1) and keeps the one the same prior's
+        text-to-image direction explains best (tasks.image_to_text.answer); it costs about K
+        times the prior calls and cannot stream."""
         from tasks import image_to_text
 
         self._need_images()
@@ -173,25 +201,36 @@ class UnifiedPipeline(DiffusionPipeline):
         if not images:
             raise ValueError("no image given")
         x = torch.stack([prepare_image(im, self.model.image_size) for im in images])
-        q = _check_prompt(question or "", "question", allow_empty=True).strip() or None
-        prefix = _check_prompt(prefix, "caption prefix", allow_empty=True)
+        q = check_prompt(question or "", "question", allow_empty=True).strip() or None
+        prefix = check_prompt(prefix, "caption prefix", allow_empty=True)
         gen = GenerationConfig(max_new_tokens=max_new_tokens, steps=steps, guidance=guidance,
-                               shift=shift, temperature=temperature, seed=seed)
-        it = image_to_text.stream(self.model, x.to(self.model.vae.device), [q] * len(images),
-                                  [prefix] * len(images), gen)
+                               shift=shift, temperature=temperature, seed=seed, method=method)
+        x, qs, prefixes = x.to(self.model.vae.device), [q] * len(images), [prefix] * len(images)
+        rerank = check_int("rerank", rerank, 0, 64)
+        if rerank > 1:
+            if stream:
+                raise ValueError("a reranked caption cannot stream: it is chosen among finished "
+                                 "samples")
+            t0 = time.perf_counter()
+            out = image_to_text.answer(self.model, x, qs, prefixes, gen, rerank=rerank)
+            return TextResult(out.texts, out.nfe, time.perf_counter() - t0)
+        it = image_to_text.stream(self.model, x, qs, prefixes, gen)
         return it if stream else _finish_text(it, prefix)
 
-    def text_to_image(self, prompt: str | list[str], *, steps: int = 16, guidance: float = 4.0,
-                      shift: float = 1.0, seed: int = 0, trajectory: int = 0,
-                      on_step=None) -> ImageResult:
+    def text_to_image(self, prompt: str | list[str], *, steps: int = _IMAGE.steps,
+                      guidance: float = _IMAGE.guidance, shift: float = _IMAGE.shift,
+                      seed: int = 0, method: str = "euler",
+                      trajectory: int = 0, on_step=None) -> ImageResult:
         """Draw an image for a prompt (or one per prompt of a list). `trajectory` > 0 also
         returns that many intermediate decodes of the data estimate, noise to image."""
         from tasks import text_to_image
 
         self._need_images()
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        prompts = [_check_prompt(p) for p in prompts]
-        gen = ImageGenerationConfig(steps=steps, guidance=guidance, shift=shift, seed=seed)
+        prompts = [check_prompt(p) for p in prompts]
+        gen = ImageGenerationConfig(steps=steps, guidance=guidance, shift=shift, seed=seed,
+                                    method=method)
+        trajectory = check_int("trajectory", trajectory, 0, 1000)
         t0 = time.perf_counter()
         out = text_to_image.generate(self.model, prompts, gen, trajectory=trajectory,
                                      on_step=on_step)

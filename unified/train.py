@@ -19,6 +19,7 @@ and data position, so a resumed run continues the same loss sequence (tests/test
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -72,6 +73,15 @@ def data_units(batch: dict) -> int:
     return n + len((batch.get("pairs") or {}).get("tasks", []))
 
 
+def throughput_counts(batch: dict) -> tuple[int, int]:
+    """(text tokens, images) a micro-batch feeds the model: prose and task-text tokens, and
+    the images of its task samples (logged as tokens/s and images/s)."""
+    tokens = sum(int((part["sample_ids"] >= 0).sum())
+                 for part in (batch.get("text"), (batch.get("pairs") or {}).get("pieces")) if part)
+    images = (batch.get("pairs") or {}).get("images")
+    return tokens, int(images.shape[0]) if images is not None and images.dim() == 4 else 0
+
+
 def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float) -> float:
     """LR multiplier: linear warmup, then cosine decay to min_ratio at `total`."""
     if step < warmup:
@@ -90,11 +100,14 @@ class Trainer:
             raise ValueError("stage 2 starts from a stage-1 model: pass init=<folder>")
         self.cfg, self.stage, self.out = cfg, stage, Path(out_dir)
         self.tcfg: TrainConfig = cfg.stage1 if stage == 1 else cfg.stage2
+        self.data = dataclasses.replace(cfg.data, **{  # this stage's batch sizes
+            k: getattr(self.tcfg, k) for k in ("batch_size", "pair_batch_size")
+            if getattr(self.tcfg, k) is not None})
         if cfg.data.pairs and tasks is None:
             raise ValueError("data.pairs is set: pass tasks= (e.g. tasks.TaskMixture(cfg)), "
                              "which turns image-text records into task samples")
         self.tasks = tasks if cfg.data.pairs else None
-        if self.tasks is not None and cfg.data.pair_batch_size < 1:
+        if self.tasks is not None and self.data.pair_batch_size < 1:
             raise ValueError("data.pairs is set but data.pair_batch_size is 0")
         self.device = resolve_device(self.tcfg.device)
         self.dist = dist_utils.init_distributed(self.device.type)
@@ -102,13 +115,13 @@ class Trainer:
             self.device = torch.device("cuda", self.dist.local_rank)
         per_step = self.dist.world * cfg.optim.grad_accum
         for key in ("batch_size", "pair_batch_size"):
-            if getattr(cfg.data, key) % per_step:
-                raise ValueError(f"data.{key} {getattr(cfg.data, key)} (global) must be a "
+            if getattr(self.data, key) % per_step:
+                raise ValueError(f"data.{key} {getattr(self.data, key)} (global) must be a "
                                  f"multiple of world size x grad_accum = {per_step}")
-        self.micro_rows = cfg.data.batch_size // per_step
-        self.micro_pairs = cfg.data.pair_batch_size // per_step
+        self.micro_rows = self.data.batch_size // per_step
+        self.micro_pairs = self.data.pair_batch_size // per_step
         self.out.mkdir(parents=True, exist_ok=True)
-        self.train_urls = expand_urls(cfg.data.train) if cfg.data.batch_size else []
+        self.train_urls = expand_urls(cfg.data.train) if self.data.batch_size else []
         self.skips = SkipCounter()
         torch.manual_seed(self.tcfg.seed)
 
@@ -321,7 +334,7 @@ class Trainer:
     def _global_batches(self, tokenizer, seed: int, patch_size: int):
         """The deterministic global stream (the same on every rank): per step, "text" (the
         global batch of packed prose rows) and "pairs" (the global list of task samples)."""
-        d = self.cfg.data
+        d = self.data
         texts = text_batches(self.train_urls, tokenizer, seq_len=d.seq_len,
                              batch_size=d.batch_size, seed=seed, resample=True, skips=self.skips,
                              shuffle_buffer=d.shuffle_buffer,
@@ -438,7 +451,9 @@ class Trainer:
             total += loss.item() * weight
             for k, v in terms.items():
                 terms_sum[k] = terms_sum.get(k, 0.0) + float(v.detach()) * weight
-        return torch.tensor(total), terms_sum, sum(counts) * self.dist.world
+        seen = [throughput_counts(mb) for mb in micro_batches]  # this rank's share
+        return torch.tensor(total), terms_sum, tuple(sum(c[j] for c in seen) * self.dist.world
+                                                     for j in range(2))
 
     def train(self, max_steps: int | None = None) -> list[dict]:
         """Run to `tcfg.steps` (or stop after `max_steps` more); returns the logged records
@@ -452,7 +467,8 @@ class Trainer:
         batches = self._batches()
         bar = tqdm(total=t.steps, initial=self.step, desc=f"stage {self.stage}",
                    dynamic_ncols=True, mininterval=2.0, disable=not main)
-        tokens, t0 = 0, time.perf_counter()
+        tokens = images = 0
+        t0 = time.perf_counter()
         try:
             while self.step < stop_at:
                 micro = next(batches)
@@ -468,7 +484,7 @@ class Trainer:
                             f"stopping. The last good checkpoint is {latest_checkpoint(self.out)}")
                     continue
                 self.bad_steps = 0
-                loss, terms, n_tok = done
+                loss, terms, (n_tok, n_img) = done
                 gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(),
                                                        self.cfg.optim.grad_clip)
                 gnorm = gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm
@@ -477,7 +493,7 @@ class Trainer:
                 self.step += 1
                 if self.ema is not None:
                     self.ema.update(self.model.prior, step=self.step)
-                tokens += n_tok
+                tokens, images = tokens + n_tok, images + n_img
                 names = list(terms)
                 vals = dist_utils.mean_across_ranks(
                     torch.tensor([loss.item(), *terms.values()], dtype=torch.float64), self.dist)
@@ -489,9 +505,12 @@ class Trainer:
                     dt = time.perf_counter() - t0
                     rec.update(lr=self.scheduler.get_last_lr()[-1], grad_norm=float(gnorm),
                                tokens_per_s=tokens / dt, skipped=self.skips.total)
+                    if images:
+                        rec["images_per_s"] = images / dt
                     if main:
                         self._log(rec, metrics, writer, bar)
-                    tokens, t0 = 0, time.perf_counter()
+                    tokens = images = 0
+                    t0 = time.perf_counter()
                 if self.step % t.ckpt_every == 0:
                     self._checkpoint()
         finally:

@@ -80,11 +80,14 @@ def encode_document(tok: PreTrainedTokenizerFast, text: str, max_len: int) -> li
     return [ids[i : i + max_len] for i in range(0, len(ids), max_len)]
 
 
-def encode_piece(tok: PreTrainedTokenizerFast, text: str, max_len: int) -> list[int]:
-    """Ids of ``[bos] + text + [eos]`` as one piece (a caption, a question): raises ValueError
-    when it does not fit ``max_len`` tokens."""
+def encode_piece(tok: PreTrainedTokenizerFast, text: str, max_len: int, pad_to: int = 1) -> list[int]:
+    """Ids of ``[bos] + text + [eos]`` as one piece (a caption, a question), followed by pad
+    ids up to a multiple of ``pad_to`` (a generated text fills whole blocks: what follows
+    its EOS is padding, and the model learns it). Raises ValueError when it does not fit
+    ``max_len`` tokens."""
     ids = [tok.bos_token_id, *tok.encode(text, add_special_tokens=False, split_special_tokens=True),
            tok.eos_token_id]
+    ids += [tok.pad_token_id] * (-len(ids) % pad_to)
     if len(ids) > max_len:
         raise ValueError(f"text is too long: {len(ids)} tokens, at most {max_len} fit")
     return ids

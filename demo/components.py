@@ -1,0 +1,85 @@
+"""Input components that refuse bad API input with a readable message.
+
+Gradio's own preprocessing turns a missing or non-numeric slider value, or an upload that is not
+an image, into a generic "the upstream app has raised an exception" error. These subclasses
+check first and raise `gr.Error` naming the field, which the browser shows as a toast and a
+`gradio_client` caller receives as an exception carrying the message. They render as the
+stock components (same front-end block). Subclasses rather than wrapped instances: Gradio
+rebuilds a component from its class when an event updates its properties.
+(Importing this module makes Gradio write a type stub, demo/components.pyi; it is git-ignored.)
+"""
+
+from __future__ import annotations
+
+import html
+import math
+import numbers
+from typing import Any
+
+import gradio as gr
+
+
+def user_error(message: str) -> gr.Error:
+    """A gr.Error for a user's mistake: the message is shown as text, no server traceback."""
+    return gr.Error(html.escape(message, quote=False), print_exception=False)
+
+
+def _fmt(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else f"{x:g}"
+
+
+def check_number(name: str, value: Any, lo: float | None, hi: float | None) -> float:
+    """A finite real number in [lo, hi], or a gr.Error that names the field."""
+    if value is None:
+        raise user_error(f"{name} is missing: give a number")
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise user_error(f"{name} must be a number, got {value!r}")
+    if not math.isfinite(value):
+        raise user_error(f"{name} must be a finite number, got {value}")
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        raise user_error(f"{name} must be between {_fmt(lo)} and {_fmt(hi)}, got {_fmt(value)}")
+    return value
+
+
+class Knob(gr.Slider):
+    """A slider whose value is checked (present, finite, in range) before Gradio's own
+    preprocessing; the message names the knob by its label."""
+
+    def get_block_name(self) -> str:
+        return "slider"
+
+    def preprocess(self, payload: Any) -> float:
+        return super().preprocess(check_number(self.label or "value", payload, self.minimum,
+                                               self.maximum))
+
+
+class WholeNumber(gr.Number):
+    """A number field for whole numbers (a seed), checked like `Knob`."""
+
+    def get_block_name(self) -> str:
+        return "number"
+
+    def preprocess(self, payload: Any) -> int:
+        value = check_number(self.label or "value", payload, self.minimum, self.maximum)
+        if not float(value).is_integer():
+            raise user_error(f"{self.label} must be a whole number, got {_fmt(value)}")
+        return int(value)
+
+
+class ImageUpload(gr.Image):
+    """An image input that passes a file path on and turns an unreadable upload into a
+    readable error (the pixels are decoded, and their size checked, by the pipeline). Build it
+    with type="filepath", image_mode=None: the header is read, nothing is decoded. (No
+    __init__ of its own: Gradio reads a component's properties from its __init__ signature.)"""
+
+    def get_block_name(self) -> str:
+        return "image"
+
+    def preprocess(self, payload: Any) -> str | None:
+        try:
+            return super().preprocess(payload)
+        except gr.Error:
+            raise
+        except Exception as e:  # noqa: BLE001 - whatever the decoder says, it is the upload
+            name = getattr(payload, "orig_name", None) or "the upload"
+            raise user_error(f"not a readable image: {name} ({type(e).__name__})") from None

@@ -1,0 +1,206 @@
+"""The `cola` subcommands that run a trained model (part of the composition root, unified/cli.py):
+
+    cola generate "The function returns" --max-new-tokens 64 --guidance 2 --seed 0
+    cola caption scene.png [--question "how many objects are there?"] [--prefix "two objects:"]
+    cola imagine "a large red circle at the top left" -o out.png [--trajectory strip.png]
+    cola demo [--checkpoint DIR] [--host 127.0.0.1] [--port 7860] [--share]
+
+All of them load the bundled checkpoint unless told otherwise and go through UnifiedPipeline,
+which validates every argument; a bad one is reported as one line (`cola CMD: error: ...`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from PIL import Image
+
+log = logging.getLogger("cola.cli")
+
+DEFAULT_CHECKPOINT = Path(__file__).resolve().parent.parent / "demo" / "checkpoint"
+
+
+class UserError(Exception):
+    """An error caused by the input; printed as one clear line, no traceback."""
+
+
+def _pipeline(checkpoint: str):
+    from unified.pipeline import UnifiedPipeline
+
+    return UnifiedPipeline.from_pretrained(checkpoint)
+
+
+def _sampling(args) -> dict:
+    return dict(steps=args.steps, guidance=args.guidance, shift=args.shift, seed=args.seed,
+                method=args.sampler)
+
+
+def _check_text_args(args, **extra) -> None:
+    """Validate the knobs of a text task before the model loads (fail fast, same messages)."""
+    from unified.generate import GenerationConfig
+
+    GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                     **_sampling(args), **extra)
+
+
+def cmd_generate(args) -> None:
+    from unified.pipeline import check_prompt
+
+    check_prompt(args.prompt)
+    _check_text_args(args, top_k=args.top_k, top_p=args.top_p)
+    pipe = _pipeline(args.checkpoint)
+    print(args.prompt, end="", flush=True)
+    shown = ""
+    for out in pipe.generate_text(args.prompt, max_new_tokens=args.max_new_tokens,
+                                  temperature=args.temperature, top_k=args.top_k,
+                                  top_p=args.top_p, stream=True, **_sampling(args)):
+        text = out.texts[0]
+        print(text[len(shown):], end="", flush=True)
+        shown = text
+    print()
+
+
+def cmd_caption(args) -> None:
+    from unified.pipeline import check_prompt, open_image
+
+    image = open_image(args.image)  # a missing or unreadable file fails before the model loads
+    check_prompt(args.question or "", "question", allow_empty=True)
+    check_prompt(args.prefix, "caption prefix", allow_empty=True)
+    _check_text_args(args)
+    pipe = _pipeline(args.checkpoint)
+    out = pipe.caption(image, question=args.question, prefix=args.prefix,
+                       max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                       **_sampling(args))
+    print(out.text)
+    print(f"({out.seconds:.2f} s, {out.nfe} model evaluations)", file=sys.stderr)
+
+
+def _writable_image_path(path: str, what: str) -> Path:
+    p = Path(path)
+    if p.suffix.lower() not in Image.registered_extensions():
+        raise UserError(f"{what} {path}: unknown image type {p.suffix or '(no extension)'}; "
+                        f"use .png")
+    if not p.parent.is_dir():
+        raise UserError(f"{what} {path}: the folder {p.parent} does not exist")
+    return p
+
+
+def trajectory_strip(frames: list[Image.Image], scale: int = 4, gap: int = 2) -> Image.Image:
+    """Frames side by side, each enlarged `scale` times (nearest neighbour), on white."""
+    w, h = frames[0].width * scale, frames[0].height * scale
+    strip = Image.new("RGB", (len(frames) * (w + gap) - gap, h), "white")
+    for i, f in enumerate(frames):
+        strip.paste(f.resize((w, h), Image.NEAREST), (i * (w + gap), 0))
+    return strip
+
+
+def cmd_imagine(args) -> None:
+    out_path = _writable_image_path(args.output, "--output")
+    strip_path = _writable_image_path(args.trajectory, "--trajectory") if args.trajectory else None
+    from prior.flow import check_int
+    from unified.generate import ImageGenerationConfig
+    from unified.pipeline import check_prompt
+
+    check_prompt(args.prompt)
+    ImageGenerationConfig(**_sampling(args))
+    check_int("--frames", args.frames, 1, 1000)
+    pipe = _pipeline(args.checkpoint)
+    res = pipe.text_to_image(args.prompt, trajectory=args.frames if strip_path else 0,
+                             **_sampling(args))
+    image = res.images[0]
+    image.save(out_path)
+    msg = f"wrote {out_path} ({image.width} x {image.height})"
+    if strip_path:
+        frames = [*res.trajectory[0], image]
+        trajectory_strip(frames).save(strip_path)
+        msg += f" and the trajectory {strip_path} ({len(frames)} frames, noise to image)"
+    print(f"{msg} in {res.seconds:.2f} s, {res.nfe} model evaluations")
+
+
+def cmd_demo(args) -> None:
+    from demo.app import serve
+    from prior.flow import check_int
+
+    check_int("--port", args.port, 1, 65535)
+    check_int("--concurrency", args.concurrency, 1, 64)
+    check_int("--max-queue", args.max_queue, 1, 10_000)
+
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning("serving on %s: the demo is reachable from other machines", args.host)
+    if not os.environ.get("COLA_THREADS"):  # requests computed at once share the cores
+        import torch
+
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, args.concurrency)))
+    pipe = _pipeline(args.checkpoint)
+    log.info("loaded %s (%s)", args.checkpoint,
+             "text and images" if pipe.can_see_images else "text only: no image side")
+    bundled = Path(args.checkpoint).resolve() == DEFAULT_CHECKPOINT
+    try:
+        serve(pipe, host=args.host, port=args.port, share=args.share,
+              concurrency=args.concurrency, max_queue=args.max_queue,
+              title="demo/checkpoint (bundled)" if bundled else str(args.checkpoint))
+    except OSError as e:
+        raise UserError(f"cannot serve on {args.host}:{args.port}: {e}") from None
+
+
+# --------------------------------------------------------------------------- parsers
+def _sampling_args(s: argparse.ArgumentParser, steps: int, guidance: float, text: bool) -> None:
+    from prior.flow import SAMPLERS
+
+    s.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT),
+                   help="model folder (default: the bundled one)")
+    s.add_argument("--steps", type=int, default=steps,
+                   help="ODE steps per block" if text else "ODE steps")
+    s.add_argument("--guidance", type=float, default=guidance, help="CFG scale (1 = off)")
+    s.add_argument("--shift", type=float, default=1.0, help="SD3 schedule shift")
+    s.add_argument("--sampler", default="euler", choices=list(SAMPLERS))
+    s.add_argument("--seed", type=int, default=0)
+    if text:
+        s.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+
+
+def add_parsers(sub) -> None:
+    """Register generate, caption, imagine and demo on the `cola` subparsers."""
+    from unified.generate import GenerationConfig, ImageGenerationConfig
+
+    d, di = GenerationConfig(), ImageGenerationConfig()
+    s = sub.add_parser("generate", help="continue a text prompt")
+    s.add_argument("prompt")
+    _sampling_args(s, d.steps, d.guidance, text=True)
+    s.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
+    s.add_argument("--top-k", type=int, default=d.top_k)
+    s.add_argument("--top-p", type=float, default=d.top_p)
+    s.set_defaults(fn=cmd_generate)
+
+    s = sub.add_parser("caption", help="describe an image, or answer a question about it")
+    s.add_argument("image", help="an image file (resized to the model's image size)")
+    s.add_argument("--question", help='e.g. "how many objects are there?"')
+    s.add_argument("--prefix", default="", help="the start of the caption, to be continued")
+    _sampling_args(s, d.steps, d.guidance, text=True)
+    s.add_argument("--max-new-tokens", type=int, default=48)
+    s.set_defaults(fn=cmd_caption)
+
+    s = sub.add_parser("imagine", help="draw an image for a caption")
+    s.add_argument("prompt")
+    s.add_argument("-o", "--output", required=True, help="the image file to write (.png)")
+    s.add_argument("--trajectory", metavar="STRIP.png",
+                   help="also write the denoising trajectory as a strip of frames")
+    s.add_argument("--frames", type=int, default=8, help="trajectory frames (with --trajectory)")
+    _sampling_args(s, di.steps, di.guidance, text=False)
+    s.set_defaults(fn=cmd_imagine)
+
+    s = sub.add_parser("demo", help="start the Gradio demo (all three tasks in a browser)")
+    s.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT),
+                   help="model folder (default: the bundled one)")
+    s.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    s.add_argument("--port", type=int, default=7860)
+    s.add_argument("--share", action="store_true", help="also open a public Gradio share link")
+    s.add_argument("--concurrency", type=int, default=2,
+                   help="requests computed at once (each gets cores / concurrency torch threads "
+                        "unless COLA_THREADS is set)")
+    s.add_argument("--max-queue", type=int, default=64, help="requests waiting at most")
+    s.set_defaults(fn=cmd_demo)
