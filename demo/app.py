@@ -8,7 +8,8 @@ starts the server. Named API endpoints, for `gradio_client.Client(url).predict(.
 
     /generate_text(prompt, max_new_tokens, steps, guidance, shift, temperature, seed)
         -> (continuation, stats)                      streamed block by block
-    /caption(image, question, prefix, max_new_tokens, steps, guidance, shift, temperature, seed)
+    /caption(image, question, prefix, max_new_tokens, steps, guidance, shift, temperature, seed,
+             candidates)
         -> (caption, stats)
     /text_to_image(prompt, steps, guidance, shift, seed, frames)
         -> (image enlarged for display, real image, trajectory gallery, stats)
@@ -47,6 +48,7 @@ class Limits:
     frames: int = 16
     seed: int = 2**31 - 1
     max_new_tokens: int = 256
+    candidates: int = 16
 
 
 @dataclass(frozen=True)
@@ -59,6 +61,7 @@ class Defaults:
     image_guidance: float = ImageGenerationConfig.guidance
     max_new_tokens: int = 48
     frames: int = 8
+    candidates: int = 1  # captions sampled and reranked (1 = plain)
 
 
 def _knobs(prefix: str, limits: Limits, steps: int, guidance: float, temperature: bool,
@@ -144,7 +147,11 @@ def _caption_tab(h: Handlers, ex: DemoExamples, limits: Limits, d: Defaults, bud
         with gr.Row():
             knobs = _knobs("i2t", limits, d.text_steps, d.text_guidance, True,
                            (min(d.max_new_tokens, budget), budget))
-    inputs = [image, question, prefix, *knobs]
+            candidates = Knob(1, limits.candidates, value=d.candidates, step=1, precision=0,
+                              label="candidates", info="captions sampled; the one the model "
+                              "can best redraw the image from is kept (1 = plain sampling)",
+                              elem_id="i2t-candidates")
+    inputs = [image, question, prefix, *knobs, candidates]
     run.click(h.caption, inputs, [out, stats], api_name="caption")
     _examples([[str(e.path), e.question, e.prefix] for e in ex.images], [image, question, prefix],
               "shapes-world images (click one to run it)",

@@ -19,7 +19,9 @@ INDEX = "examples.json"
 
 TEXT_PROMPTS = ["The function returns", "Return the number of", "This module provides"]
 
-# (file stem, objects as (shape, color, size, position), question, caption prefix)
+# (file stem, objects as (shape, color, size, position), question, caption prefix). The
+# questions are kinds the bundled model answers (counts, where, how big); it has not learned
+# "what color / what shape is at ..." (README, "The bundled model").
 _IMAGE_EXAMPLES: list[tuple[str, list[tuple[str, str, str, str]], str, str]] = [
     ("red-circle", [("circle", "red", "large", "top left")], "", ""),
     ("square-and-cross", [("square", "blue", "small", "center"),
@@ -28,8 +30,9 @@ _IMAGE_EXAMPLES: list[tuple[str, list[tuple[str, str, str, str]], str, str]] = [
                      ("triangle", "magenta", "small", "bottom left")],
      "how many objects are there?", ""),
     ("yellow-triangle", [("triangle", "yellow", "large", "top left")],
-     "what color is the object at the top left?", ""),
-    ("green-square", [("square", "green", "large", "center")], "what shape is at the center?", ""),
+     "where is the large yellow triangle?", ""),
+    ("green-square", [("square", "green", "large", "center")],
+     "how big is the green square at the center?", ""),
     ("prefix", [("cross", "red", "small", "left"), ("circle", "yellow", "large", "right")],
      "", "two objects: a small red"),
 ]

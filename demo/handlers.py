@@ -71,15 +71,17 @@ class Handlers:
 
     def caption(self, image: str | None, question: str, prefix: str, max_new_tokens: int,
                 steps: int, guidance: float, shift: float, temperature: float,
-                seed: int) -> tuple[str, str]:
-        """Describe the image (or answer `question` about it), continuing `prefix`."""
+                seed: int, candidates: int = 1) -> tuple[str, str]:
+        """Describe the image (or answer `question` about it), continuing `prefix`; with
+        `candidates` K > 1 a caption is chosen among K samples (UnifiedPipeline.caption's
+        rerank; questions and prefixed captions keep their first sample)."""
         if image is None:
             raise user_error("no image: upload one or pick an example below")
         with _as_user_errors():
             out = self.pipe.caption(image, question=question or None, prefix=prefix or "",
                                     max_new_tokens=max_new_tokens, steps=steps,
                                     guidance=guidance, shift=shift, temperature=temperature,
-                                    seed=seed)
+                                    seed=seed, rerank=candidates)
         log.info("image-to-text: %.2f s, nfe %d", out.seconds, out.nfe)
         return out.text, stats_line(out.seconds, out.nfe)
 

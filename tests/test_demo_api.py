@@ -26,7 +26,7 @@ ENDPOINTS = {
     "/generate_text": ["prompt", "max_new_tokens", "steps", "guidance", "shift", "temperature",
                        "seed"],
     "/caption": ["image", "question", "prefix", "max_new_tokens", "steps", "guidance", "shift",
-                 "temperature", "seed"],
+                 "temperature", "seed", "candidates"],
     "/text_to_image": ["prompt", "steps", "guidance", "shift", "seed", "frames"],
 }
 
@@ -85,6 +85,20 @@ def test_caption_keeps_the_prefix(client):
     answer, _ = client.predict(handle_file(str(ex.path)), "how many objects are there?", "", 8,
                                4, 2.0, 1.0, 0.0, 0, api_name="/caption")
     assert isinstance(answer, str)
+
+
+def test_caption_candidates_rerank_among_samples(client):
+    """candidates = K samples K captions (seeds seed..seed+K-1) and keeps one of them: the
+    answer is one of the plain samples, at the cost of more model evaluations."""
+    image = handle_file(str(load_examples().images[0].path))
+    plain = [client.predict(image, "", "", 8, 2, 2.0, 1.0, 0.0, s, 1, api_name="/caption")
+             for s in range(3)]
+    best, stats = client.predict(image, "", "", 8, 2, 2.0, 1.0, 0.0, 0, 3, api_name="/caption")
+    assert best in {text for text, _ in plain}
+    assert nfe_of(stats) > sum(nfe_of(s) for _, s in plain)
+    with pytest.raises(AppError, match="candidates must be between 1 and 16"):
+        client.predict(image, "", "", candidates=17, api_name="/caption")
+    _good(client)
 
 
 def test_text_to_image_shows_an_enlarged_copy_and_the_trajectory(client):
