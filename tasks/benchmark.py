@@ -5,21 +5,33 @@ exactly on held-out scenes (tasks/shapes_eval.py).
 - text-to-image: the image generated from each scene's caption must analyse back to it;
 - image VAE: PSNR of reconstructions, and the share whose reconstruction still analyses to
   the scene (the ceiling of text-to-image accuracy);
+- questions: every question `tasks.shapes.questions` asks of the first `questions` scenes,
+  answered by image_to_text, right when the answer is exactly the expected words (per kind:
+  how_many, what_color, what_shape, how_big, where_is);
 every figure also split into scenes with a held-out attribute combination (never seen in
 training: composition) and scenes of seen combinations.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
+from collections import defaultdict
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
 from tasks import image_to_text, text_to_image
-from tasks.shapes import Scene, caption
-from tasks.shapes_eval import analyse_image, mean_scores, score_caption, score_image
+from tasks.shapes import Scene, caption, questions
+from tasks.shapes_eval import (
+    analyse_image,
+    mean_scores,
+    question_kind,
+    score_answer,
+    score_caption,
+    score_image,
+)
 from unified.data import image_text_samples
 from unified.generate import GenerationConfig, ImageGenerationConfig
 from unified.model import ColaModel
@@ -52,13 +64,33 @@ def _split(scores: list[dict], heldout: list[bool], prefix: str) -> dict:
 
 
 @torch.no_grad()
+def evaluate_questions(model: ColaModel, images: torch.Tensor, scenes: list[Scene],
+                       gen: GenerationConfig, batch: int = 50) -> dict:
+    """Share of right answers to every question of each scene, per kind and in all
+    (`qa_<kind>`, `qa_all`, `qa_questions`)."""
+    asked = [(i, q, a) for i, s in enumerate(scenes) for q, a in questions(s)]
+    right = defaultdict(list)
+    for k in range(0, len(asked), batch):
+        part = asked[k:k + batch]
+        x = images[[i for i, _, _ in part]].to(model.vae.device)
+        answers = image_to_text.generate(model, x, [q for _, q, _ in part], gen=gen)
+        for (_, q, a), got in zip(part, answers):
+            right[question_kind(q)].append(score_answer(got, a))
+    report = {f"qa_{kind}": sum(v) / len(v) for kind, v in sorted(right.items())}
+    every = [r for v in right.values() for r in v]
+    report.update(qa_all=sum(every) / max(1, len(every)), qa_questions=len(every))
+    return report
+
+
+@torch.no_grad()
 def evaluate_shapes(model: ColaModel, data: str | Path, n: int = 500, batch: int = 50, *,
                     text_gen: GenerationConfig | None = None,
                     image_gen: ImageGenerationConfig | None = None, rerank: int = 0,
-                    progress: bool = True) -> dict:
+                    questions: int = 100, progress: bool = True) -> dict:
     """Every figure of the shapes benchmark on the first `n` records of `data`; with
     `rerank` = K > 1 also the captions chosen among K samples by the text-to-image scorer
-    (`caption_rerank_*`), beside the plain first samples (`caption_*`)."""
+    (`caption_rerank_*`), beside the plain first samples (`caption_*`); the questions of the
+    first `questions` scenes (0: none)."""
     text_gen = text_gen or GenerationConfig(max_new_tokens=48, steps=8, guidance=2.0)
     image_gen = image_gen or ImageGenerationConfig()
     images, scenes, heldout = load_scenes(data, n, model.image_size)
@@ -101,5 +133,9 @@ def evaluate_shapes(model: ColaModel, data: str | Path, n: int = 500, batch: int
     report["image_vae_recon_exact"] = sum(recon_ok) / len(recon_ok)
     report["caption_seconds_per_image"] = t_cap / len(scenes)
     report["image_seconds_per_image"] = t_img / len(scenes)
+    if questions > 0:
+        k = min(questions, len(scenes))
+        answer_gen = dataclasses.replace(text_gen, max_new_tokens=16)  # one block
+        report.update(evaluate_questions(model, images[:k], scenes[:k], answer_gen, batch))
     report["examples"] = examples
     return report

@@ -293,6 +293,18 @@ def score_caption(pred: str, scene: Scene) -> dict[str, float]:
     return scores
 
 
+def question_kind(question: str) -> str:
+    """The kind of a :func:`tasks.shapes.questions` question: how_many, what_color, what_shape,
+    how_big or where_is (its first two words)."""
+    return "_".join(question.split()[:2])
+
+
+def score_answer(pred: str, answer: str) -> bool:
+    """An answer is right when it is the expected words (surrounding space and a final period
+    ignored)."""
+    return " ".join(pred.split()).rstrip(".") == answer
+
+
 def score_image(
     img: Image.Image | np.ndarray,
     scene: Scene,

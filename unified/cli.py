@@ -138,7 +138,7 @@ def cmd_eval(args) -> None:
                                       steps=args.steps,
                                       guidance=args.text_guidance),
             image_gen=ImageGenerationConfig(steps=args.image_steps, guidance=args.image_guidance),
-            rerank=args.rerank))
+            rerank=args.rerank, questions=args.questions))
     examples = report.pop("examples", [])
     for key, val in report.items():
         print(f"{key:>32}: {val:.4f}" if isinstance(val, float) else f"{key:>32}: {val}")
@@ -247,6 +247,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--rerank", type=int, default=8, metavar="K",
                    help="shapes: also caption by choosing among K samples with the "
                         "text-to-image scorer (0 = plain sampling only)")
+    s.add_argument("--questions", type=int, default=100, metavar="N",
+                   help="shapes: also answer every question about the first N scenes (0: none)")
     s.add_argument("--text-guidance", type=float, default=GenerationConfig.guidance)
     s.add_argument("--image-guidance", type=float, default=ImageGenerationConfig.guidance)
     s.set_defaults(fn=cmd_eval)

@@ -1,0 +1,60 @@
+"""`cola eval shapes` (tasks/benchmark.py) on a tiny random unified model: every figure is
+present and in range, the question figures count every question the scenes ask, and the
+command line prints them. What the figures are on a trained model is tested through the demo
+(tests/test_demo_meaning.py) and reported in the README."""
+
+from __future__ import annotations
+
+import pytest
+
+from tasks.benchmark import evaluate_shapes
+from tasks.shapes import Scene, questions
+from tasks.shapes_eval import question_kind, score_answer
+from unified.cli import main
+from unified.generate import GenerationConfig, ImageGenerationConfig
+
+
+@pytest.fixture(scope="module")
+def heldout(tmp_path_factory):
+    from tasks.shapes import make_shapes_shards
+
+    root = tmp_path_factory.mktemp("shapes")
+    make_shapes_shards(root, n_train=1, n_heldout=6, difficulty=2)
+    return root / "heldout"
+
+
+def test_every_figure_is_reported_in_range(tiny_unified, heldout):
+    gen = GenerationConfig(max_new_tokens=16, steps=2, guidance=2.0)
+    report = evaluate_shapes(tiny_unified, heldout, n=4, batch=3, text_gen=gen,
+                             image_gen=ImageGenerationConfig(steps=2), rerank=2, questions=2,
+                             progress=False)
+    assert report["scenes"] == 4 and len(report["examples"]) == 4
+    for prefix in ("caption", "caption_rerank2", "image"):
+        for key in ("exact", "count", "shape", "color", "position"):
+            assert 0.0 <= report[f"{prefix}_{key}"] <= 1.0
+    assert 0.0 <= report["image_vae_recon_exact"] <= 1.0 and report["image_vae_psnr_db"] > 0
+    kinds = {k for k in report if k.startswith("qa_") and k not in ("qa_all", "qa_questions")}
+    assert kinds <= {"qa_how_many", "qa_what_color", "qa_what_shape", "qa_how_big",
+                     "qa_where_is"} and "qa_how_many" in kinds
+    assert 0.0 <= report["qa_all"] <= 1.0 and report["qa_questions"] >= 2 * 3  # >= 3 a scene
+
+
+def test_answers_and_question_kinds():
+    scene = Scene.from_json({"image_size": 32, "objects": [
+        {"shape": "circle", "color": "red", "size": "large", "position": "top left"}]})
+    qa = dict(questions(scene))
+    assert [question_kind(q) for q in qa] == ["how_many", "what_color", "what_shape",
+                                              "how_big", "where_is"]
+    assert score_answer(" red.", qa["what color is the object at the top left?"])
+    assert score_answer("at  the top left", "at the top left")
+    assert not score_answer("red circle", "red") and not score_answer("", "one")
+
+
+def test_cli_prints_the_figures(tiny_unified_checkpoint, heldout, capsys):
+    assert main(["eval", "shapes", "--checkpoint", str(tiny_unified_checkpoint),
+                 "--shapes-data", str(heldout), "-n", "2", "--steps", "2", "--image-steps",
+                 "2", "--rerank", "0", "--questions", "1"]) == 0
+    out = capsys.readouterr().out
+    for key in ("caption_exact", "image_exact", "image_vae_psnr_db", "qa_all"):
+        assert f"{key}:" in out
+    assert "caption_rerank" not in out
