@@ -39,6 +39,13 @@ def test_caption_prints_the_caption_and_its_cost(capsys, tiny_unified_checkpoint
     again, _ = run_ok(capsys, ["caption", str(image), "--checkpoint", str(tiny_unified_checkpoint),
                                "--prefix", "a large", "--steps", "4", "--max-new-tokens", "8"])
     assert again == out, "same seed, same caption"
+    best, err = run_ok(capsys, ["caption", str(image), "--checkpoint",
+                                str(tiny_unified_checkpoint), "--steps", "2",
+                                "--max-new-tokens", "8", "--candidates", "3"])
+    plain = {run_ok(capsys, ["caption", str(image), "--checkpoint", str(tiny_unified_checkpoint),
+                             "--steps", "2", "--max-new-tokens", "8", "--seed", str(s)])[0]
+             for s in range(3)}
+    assert best in plain and "model evaluations" in err
 
 
 def test_imagine_writes_the_image_and_the_trajectory(capsys, tmp_path, tiny_unified_checkpoint):
@@ -83,6 +90,7 @@ def test_caption_bad_input(capsys, tmp_path, tiny_unified_checkpoint, not_an_ima
     image = str(load_examples().images[0].path)
     assert "guidance" in run_error(capsys, ["caption", image, *ck, "--guidance", "nan"])
     assert "steps" in run_error(capsys, ["caption", image, *ck, "--steps", "0"])
+    assert "candidates" in run_error(capsys, ["caption", image, *ck, "--candidates", "0"])
     assert "temperature" in run_error(capsys, ["caption", image, *ck, "--temperature", "inf"])
     line = run_error(capsys, ["caption", image, *ck, "--question", "q" * 3000])
     assert "question is too long" in line

@@ -2,6 +2,7 @@
 
     cola generate "The function returns" --max-new-tokens 64 --guidance 2 --seed 0
     cola caption scene.png [--question "how many objects are there?"] [--prefix "two objects:"]
+                           [--candidates 8]
     cola imagine "a large red circle at the top left" -o out.png [--trajectory strip.png]
     cola demo [--checkpoint DIR] [--host 127.0.0.1] [--port 7860] [--share]
 
@@ -71,10 +72,13 @@ def cmd_caption(args) -> None:
     check_prompt(args.question or "", "question", allow_empty=True)
     check_prompt(args.prefix, "caption prefix", allow_empty=True)
     _check_text_args(args)
+    from prior.flow import check_int
+
+    check_int("candidates", args.candidates, 1, 64)
     pipe = _pipeline(args.checkpoint)
     out = pipe.caption(image, question=args.question, prefix=args.prefix,
                        max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                       **_sampling(args))
+                       rerank=args.candidates, **_sampling(args))
     print(out.text)
     print(f"({out.seconds:.2f} s, {out.nfe} model evaluations)", file=sys.stderr)
 
@@ -182,6 +186,9 @@ def add_parsers(sub) -> None:
     s.add_argument("--prefix", default="", help="the start of the caption, to be continued")
     _sampling_args(s, d.steps, d.guidance, text=True)
     s.add_argument("--max-new-tokens", type=int, default=48)
+    s.add_argument("--candidates", type=int, default=1, metavar="K",
+                   help="sample K captions and keep the one the model best redraws the image "
+                        "from (analysis by synthesis; about K times slower)")
     s.set_defaults(fn=cmd_caption)
 
     s = sub.add_parser("imagine", help="draw an image for a caption")
