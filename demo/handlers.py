@@ -74,7 +74,7 @@ class Handlers:
                 seed: int, candidates: int = 1) -> tuple[str, str]:
         """Describe the image (or answer `question` about it), continuing `prefix`; with
         `candidates` K > 1 a caption is chosen among K samples (UnifiedPipeline.caption's
-        rerank; questions and prefixed captions keep their first sample)."""
+        rerank; an answer to a question keeps its first sample)."""
         if image is None:
             raise user_error("no image: upload one or pick an example below")
         with _as_user_errors():
