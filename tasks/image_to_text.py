@@ -92,11 +92,16 @@ def answer(model: ColaModel, images: torch.Tensor, questions: list[str | None] |
     text-to-image flow loss ("analysis by synthesis", see `rerank_captions`). Rows that ask
     a question keep their first sample (the scorer reads captions, not answers)."""
     gen = gen or GenerationConfig()
-    prefixes = prefixes or [""] * images.shape[0]
+    b = images.shape[0]
+    if b == 0:
+        raise ValueError("no images given")
+    prefixes = prefixes or [""] * b
+    rows = _conditions(model, images, questions or [None] * b)  # encoded once for K samples
+    engine = TextGenerator(model)
     samples, nfe = [], 0
     for k in range(max(1, rerank)):
         g = dataclasses.replace(gen, seed=gen.seed + k)
-        *_, last = stream(model, images, questions, prefixes, g, use_cache=use_cache)
+        *_, last = engine.stream(prefixes, g, use_cache, conditions=rows)
         samples.append([(p + t) for p, t in zip(prefixes, last.texts)])
         nfe += last.nfe
     best = samples[0]

@@ -424,12 +424,13 @@ class Trainer:
         with amp:
             return self.train_model(batch, self.stage, self.cfg.loss, self.gen)
 
-    def _step(self, micro_batches) -> tuple[torch.Tensor, dict, int] | None:
+    def _step(self, micro_batches) -> tuple[torch.Tensor, dict, tuple[int, int]] | None:
         """Forward/backward over this rank's micro-batches. Each micro-batch's loss is weighted
         by its share of the global batch's tokens, so the DDP-averaged gradient is the gradient
         of the token mean over the whole global batch, as a single process would compute it.
-        Returns None when the loss was not finite on any rank (a shared decision, so no rank
-        waits on a collective the others skip)."""
+        Returns (loss, loss terms, (text tokens, images) of the global batch), or None when
+        the loss was not finite on any rank (a shared decision, so no rank waits on a
+        collective the others skip)."""
         self.optimizer.zero_grad(set_to_none=True)
         counts = [data_units(mb) for mb in micro_batches]
         mean_tokens = dist_utils.mean_across_ranks(
@@ -452,8 +453,8 @@ class Trainer:
             for k, v in terms.items():
                 terms_sum[k] = terms_sum.get(k, 0.0) + float(v.detach()) * weight
         seen = [throughput_counts(mb) for mb in micro_batches]  # this rank's share
-        return torch.tensor(total), terms_sum, tuple(sum(c[j] for c in seen) * self.dist.world
-                                                     for j in range(2))
+        tokens, images = (sum(c) * self.dist.world for c in zip(*seen))
+        return torch.tensor(total), terms_sum, (tokens, images)
 
     def train(self, max_steps: int | None = None) -> list[dict]:
         """Run to `tcfg.steps` (or stop after `max_steps` more); returns the logged records
