@@ -26,6 +26,7 @@ import torch
 from prior.dit import DiT
 from unified.baselines import ARModel, llama_config, matched_depth, prompt_ids
 from unified.cli import DEFAULT_CHECKPOINT
+from unified.config import ACT
 from unified.generate import GenerationConfig, TextGenerator
 from unified.layout import TextLayoutConfig
 from unified.model import ColaModel
@@ -36,7 +37,7 @@ VOCAB = 8192
 PROMPT = ("the value of the function is returned when the file is opened and read " * 4)[:150]
 
 
-def build_cola(context: int, tokenizer=None, act: str = "gelu_tanh") -> ColaModel:
+def build_cola(context: int, tokenizer=None, act: str = ACT) -> ColaModel:
     torch.manual_seed(0)
     tok = tokenizer or load_tokenizer(DEFAULT_CHECKPOINT / "tokenizer")
     vae = TextVAE(vocab_size=VOCAB, width=512, enc_layers=2, dec_layers=2, heads=8,
@@ -104,7 +105,7 @@ def main() -> None:
     ap.add_argument("--dtype", choices=["bf16", "bf16w", "fp32"], default="bf16",
                     help="bf16: autocast over fp32 weights; bf16w: both models' weights cast "
                          "to bf16 (no autocast); fp32")
-    ap.add_argument("--act", choices=["gelu_tanh", "gelu"], default="gelu_tanh",
+    ap.add_argument("--act", choices=["gelu_tanh", "gelu"], default=ACT,
                     help="Cola's MLP activation (the AR's is Llama's SiLU)")
     ap.add_argument("--compile", action="store_true",
                     help="torch.compile the DiT blocks' element-wise regions (DiT.compile_blocks)")

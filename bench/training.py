@@ -110,15 +110,19 @@ def compute_step(tr: Trainer, micro) -> None:
     tr.optimizer.step()
 
 
-def measure(tr: Trainer, steps: int, profile: bool, compile_prior: bool = False) -> dict:
+def measure(tr: Trainer, steps: int, profile: bool) -> dict:
     trainable = [p for p in tr.model.parameters() if p.requires_grad]
     micro = next(tr._batches())
     tokens = sum(int((mb["text"]["sample_ids"] >= 0).sum()) for mb in micro)
-    with FlopCounterMode(display=False) as fc:  # counted eagerly: compiled kernels hide ops
+    blocks = tr.model.prior.blocks if getattr(tr.model, "prior", None) is not None else []
+    compiled = [blk.compiled for blk in blocks]
+    for blk in blocks:  # counted eagerly: compiled kernels hide ops from the counter
+        blk.compiled = None
+    with FlopCounterMode(display=False) as fc:
         tr._step(micro)
+    for blk, regions in zip(blocks, compiled):
+        blk.compiled = regions
     flops = fc.get_total_flops()
-    if compile_prior:
-        tr.model.prior.compile_blocks()
     # whole trainer steps (data loading included): the median interval between optimizer
     # steps over the second half of 2 x `steps` (the first half warms up)
     stamps, step = [], tr.optimizer.step
@@ -161,7 +165,7 @@ def main() -> None:
                     help="tokenizer folder (default: the bundled model's, 4096 tokens)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--compile", action="store_true",
-                    help="Cola: torch.compile the prior's blocks (DiT.compile_blocks)")
+                    help="Cola: torch.compile the prior's blocks (stage2.compile=true)")
     ap.add_argument("--profile", action="store_true")
     args = ap.parse_args()
     peaks = {p: peak_matmul(torch.bfloat16 if p == "bf16" else torch.float32)
@@ -177,9 +181,10 @@ def main() -> None:
     for prec in args.precision:
         for kind in args.kinds:
             with tempfile.TemporaryDirectory() as work:
-                tr = make_trainer(kind, args.preset, prec, args.data, Path(work), args.set,
+                sets = args.set + (["stage2.compile=true"] if args.compile else [])
+                tr = make_trainer(kind, args.preset, prec, args.data, Path(work), sets,
                                   args.tokenizer)
-                r = measure(tr, args.steps, args.profile, args.compile and kind == "cola")
+                r = measure(tr, args.steps, args.profile)
             rate = r["flops"] / r["compute_s"]
             name = "cola s2" if kind == "cola" else kind
             print(f"{name:<8}{prec:>6}{r['params'] / 1e6:>8.1f}M{r['flops'] / 1e9:>12.1f}"

@@ -143,3 +143,16 @@ def test_muon_optimizer_trains_and_resumes_exactly(shards, tmp_path):
     Trainer(cfg, 1, tmp_path / "b").train(max_steps=8)
     rest = Trainer(cfg, 1, tmp_path / "b").train()
     assert losses(rest) == pytest.approx(losses(full)[6:], rel=1e-5)
+
+
+def test_compiled_prior_trains_like_eager(shards, stage1, tmp_path):
+    """stage2.compile=true (DiT.compile_blocks with inductor) gives eager's loss sequence."""
+    init = stage1[0] / "final"
+    sets = ["stage2.steps=4", 'stage2.precision="fp32"', "stage2.ckpt_every=1000"]
+    eager = Trainer(tiny(shards, *sets), 2, tmp_path / "eager", init=init).train()
+    compiled = Trainer(tiny(shards, *sets, "stage2.compile=true"), 2, tmp_path / "compiled",
+                       init=init)
+    assert all(blk.compiled is not None for blk in compiled.model.prior.blocks)
+    assert losses(compiled.train()) == pytest.approx(losses(eager), rel=1e-4)
+    with pytest.raises(ValueError, match="stage 2"):
+        Trainer(tiny(shards, "stage1.compile=true"), 1, tmp_path / "s1")

@@ -142,6 +142,10 @@ class Trainer:
             if ckpt is not None:
                 ema = DiT.from_pretrained(ckpt / "ema_prior", low_cpu_mem_usage=False)
                 self.ema.module.load_state_dict(ema.state_dict())
+        if self.tcfg.compile:
+            if self.stage != 2 or self.fsdp:
+                raise ValueError("compile applies to the prior in stage 2 without fsdp")
+            self.model.prior.compile_blocks()
         self.train_model = self.model
         if self.fsdp:  # parameters, gradients and optimizer state sharded across ranks
             from unified.fsdp import shard_model
