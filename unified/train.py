@@ -51,6 +51,7 @@ from unified.data import (
     to_device,
 )
 from unified.layout import TimeConfig
+from unified.malloc import keep_freed_memory
 from unified.model import ColaModel, build_image_vae, build_prior, build_vae
 from vaes import image_vae as iv
 from vaes.text_vae import TextVAE
@@ -113,6 +114,8 @@ class Trainer:
         self.dist = dist_utils.init_distributed(self.device.type)
         if self.device.type == "cuda" and self.dist.enabled:
             self.device = torch.device("cuda", self.dist.local_rank)
+        if self.device.type == "cpu":  # reuse freed activations instead of page-faulting
+            keep_freed_memory()  # them in again every step (unified/malloc.py)
         per_step = self.dist.world * cfg.optim.grad_accum
         for key in ("batch_size", "pair_batch_size"):
             if getattr(self.data, key) % per_step:
