@@ -156,3 +156,11 @@ def test_compiled_prior_trains_like_eager(shards, stage1, tmp_path):
     assert losses(compiled.train()) == pytest.approx(losses(eager), rel=1e-4)
     with pytest.raises(ValueError, match="stage 2"):
         Trainer(tiny(shards, "stage1.compile=true"), 1, tmp_path / "s1")
+
+
+def test_compile_without_a_cpp_compiler_trains_eagerly(shards, stage1, tmp_path, monkeypatch,
+                                                       caplog):
+    monkeypatch.setattr("unified.train.shutil.which", lambda name: None)
+    t = Trainer(tiny(shards, "stage2.compile=true"), 2, tmp_path, init=stage1[0] / "final")
+    assert all(blk.compiled is None for blk in t.model.prior.blocks)
+    assert "training eagerly" in caplog.text

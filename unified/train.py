@@ -23,6 +23,7 @@ import dataclasses
 import json
 import logging
 import math
+import shutil
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -148,7 +149,11 @@ class Trainer:
         if self.tcfg.compile:
             if self.stage != 2 or self.fsdp:
                 raise ValueError("compile applies to the prior in stage 2 without fsdp")
-            self.model.prior.compile_blocks()
+            if self.device.type == "cpu" and not (shutil.which("c++") or shutil.which("g++")):
+                log.warning("stage2.compile: inductor needs a C++ compiler on the CPU and "
+                            "none is on PATH; training eagerly")
+            else:
+                self.model.prior.compile_blocks()
         self.train_model = self.model
         if self.fsdp:  # parameters, gradients and optimizer state sharded across ranks
             from unified.fsdp import shard_model
