@@ -17,12 +17,12 @@ targets.
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 from contextlib import nullcontext
 
 import torch
 
+from bench.timing import median_time
 from prior.dit import DiT
 from unified.baselines import ARModel, llama_config, matched_depth, prompt_ids
 from unified.cli import DEFAULT_CHECKPOINT
@@ -79,18 +79,6 @@ def ar_plain_loop(ar: ARModel, ids: list[list[int]], n: int) -> torch.Tensor:
         new.append(nxt)
         out = ar.net(input_ids=nxt, past_key_values=out.past_key_values, use_cache=True)
     return torch.cat(new, 1)
-
-
-def median_time(fn, warm, min_runs: int = 1, max_runs: int = 3, budget_s: float = 4.0) -> float:
-    """Median wall time of fn() after one (short) warm-up call: min_runs, then more while the
-    budget lasts (at most max_runs)."""
-    warm()
-    times: list[float] = []
-    while len(times) < min_runs or (len(times) < max_runs and sum(times) < budget_s):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def main() -> None:

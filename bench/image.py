@@ -17,12 +17,11 @@ Run it as a module from the checkout (`python -m bench...`). All figures come fr
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 from contextlib import nullcontext
 
 import torch
 
+from bench.timing import median_time
 from tasks import text_to_image
 from unified.cli import DEFAULT_CHECKPOINT
 from unified.config import load_preset
@@ -56,16 +55,6 @@ def random_unified(preset: str = "shapes-default") -> ColaModel:
     return model.eval()
 
 
-def seconds(fn, runs: int = 3) -> float:
-    fn()
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -97,7 +86,7 @@ def main() -> None:
                 with torch.no_grad(), amp:
                     out = text_to_image.generate(model, prompts, gen, use_cache=cache)
                 assert out.images.shape[0] == len(prompts)
-            res.append(seconds(run) / b)
+            res.append(median_time(run, min_runs=3) / b)
         per_image[b] = res[0]
         print(f"{b:>6}{res[0]:>17.4f}{res[1]:>20.4f}{1 / res[0]:>10.1f}", flush=True)
     if len(per_image) > 1:
@@ -117,8 +106,8 @@ def main() -> None:
         ctx = torch.autocast("cpu", dtype=torch.bfloat16) if prec == "bf16" else nullcontext()
         with torch.no_grad(), ctx:
             z = iv.encode(vae, images)
-            enc = 64 / seconds(lambda ctx=ctx: iv.encode(vae, images))
-            dec = 64 / seconds(lambda z=z: iv.decode(vae, z))
+            enc = 64 / median_time(lambda ctx=ctx: iv.encode(vae, images), min_runs=3)
+            dec = 64 / median_time(lambda z=z: iv.decode(vae, z), min_runs=3)
         rates[prec] = (enc, dec)
         print(f"{prec:>10}{enc:>14.0f}{dec:>14.0f}", flush=True)
     print(f"bf16 / fp32: encode {rates['bf16'][0] / rates['fp32'][0]:.2f}x, "

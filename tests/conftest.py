@@ -10,6 +10,7 @@ from tasks.shapes import caption, questions, scene_at
 from unified.corpus import iter_stdlib_docstrings
 from unified.layout import TextLayoutConfig, TimeConfig
 from unified.model import ColaModel
+from unified.shards import write_text_shards
 from vaes.image_vae import set_latent_stats, small_image_vae
 from vaes.text_vae import TextVAE
 from vaes.tokenizer import train_tokenizer
@@ -25,6 +26,13 @@ def shapes_texts(n=300):
         out.append(caption(s))
         out.extend(f"{q} {a}" for q, a in questions(s))
     return out
+
+
+def stdlib_shards(out, n: int, max_per_shard: int = 200) -> str:
+    """The first n stdlib docstring records written as webdataset text shards in `out`."""
+    write_text_shards([r for _, r in zip(range(n), iter_stdlib_docstrings())], out,
+                      max_per_shard=max_per_shard)
+    return str(out)
 
 
 def perturbed_(module, scale=0.2, seed=0):

@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from conftest import stdlib_shards
 
 from unified.baselines import (
     ARModel,
@@ -18,7 +19,6 @@ from unified.baselines import (
 )
 from unified.config import load_preset
 from unified.corpus import iter_stdlib_docstrings
-from unified.shards import write_text_shards
 from unified.train import Trainer
 from vaes.text_vae import causal_mask
 from vaes.tokenizer import train_tokenizer
@@ -28,10 +28,7 @@ TINY_NET = ["model.width=32", "model.depth=2", "model.heads=2", "model.intermedi
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
-    out = tmp_path_factory.mktemp("shards")
-    records = [r for _, r in zip(range(400), iter_stdlib_docstrings())]
-    write_text_shards(records, out, max_per_shard=200)
-    return str(out)
+    return stdlib_shards(tmp_path_factory.mktemp("shards"), 400)
 
 
 @pytest.fixture(scope="module")

@@ -15,11 +15,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import stdlib_shards
 
 from unified.config import load_preset
-from unified.corpus import iter_stdlib_docstrings
 from unified.model import ColaModel
-from unified.shards import write_text_shards
 from unified.train import Trainer
 
 DETERMINISTIC = ["loss.sample_posterior=false", "loss.mask_prob=0", "loss.decoder_noise=0",
@@ -28,10 +27,7 @@ DETERMINISTIC = ["loss.sample_posterior=false", "loss.mask_prob=0", "loss.decode
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
-    out = tmp_path_factory.mktemp("dshards")
-    write_text_shards([r for _, r in zip(range(400), iter_stdlib_docstrings())], out,
-                      max_per_shard=100)
-    return str(out)
+    return stdlib_shards(tmp_path_factory.mktemp("dshards"), 400, max_per_shard=100)
 
 
 def overrides(shards, *extra):

@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from conftest import stdlib_shards
 
 from unified.config import load_preset
 from unified.corpus import iter_stdlib_docstrings
@@ -14,10 +15,7 @@ from unified.train import Trainer
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
-    out = tmp_path_factory.mktemp("shards")
-    records = [r for _, r in zip(range(600), iter_stdlib_docstrings())]
-    write_text_shards(records, out, max_per_shard=200)
-    return str(out)
+    return stdlib_shards(tmp_path_factory.mktemp("shards"), 600)
 
 
 def tiny(shards, *extra):

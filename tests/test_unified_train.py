@@ -5,23 +5,21 @@ import random
 
 import pytest
 import torch
+from conftest import stdlib_shards
 
 from tasks import TaskMixture, image_to_text, text_to_image
 from tasks.shapes import make_shapes_shards
 from unified.config import load_preset
-from unified.corpus import iter_stdlib_docstrings
 from unified.data import SkipCounter, TaskSample, collate_task_samples, pack_pieces
 from unified.model import ColaModel
 from unified.pipeline import UnifiedPipeline
-from unified.shards import write_text_shards
 from unified.train import Trainer
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("unified-data")
-    write_text_shards([r for _, r in zip(range(200), iter_stdlib_docstrings())], root / "text",
-                      max_per_shard=100)
+    stdlib_shards(root / "text", 200, max_per_shard=100)
     make_shapes_shards(root / "shapes", n_train=300, n_heldout=20, difficulty=2,
                        max_per_shard=150)
     return root
