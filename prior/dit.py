@@ -16,6 +16,7 @@ mask built from the layout (prior/attention.py). It predicts the flow velocity u
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from functools import partial
 
 import torch
@@ -98,17 +99,59 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).to(x.dtype)
 
 
-def per_token(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """Rows of `table` [U, ...] for the tokens of index [B, L] -> [B, L, ...]; a single row is
+def time_group(index: torch.Tensor, sizes: tuple[int, ...] = (16, 8, 4, 2)) -> int:
+    """The largest G in `sizes` such that every aligned run of G tokens of index [B, L] shares
+    one time (a Cola block shares its t), else 1. Modulation is then spread per group of G
+    tokens, not per token: G times less AdaLN traffic forward and backward."""
+    for g in sizes:
+        if index.shape[1] % g == 0:
+            runs = index.unflatten(1, (-1, g))  # [B, L/G, G]
+            if bool((runs == runs[..., :1]).all()):
+                return g
+    return 1
+
+
+def per_token(table: torch.Tensor, index: torch.Tensor, group: int = 1) -> torch.Tensor:
+    """Rows of `table` [U, ...] for the tokens of index [B, L] -> [B, L / group, ...], one row
+    per aligned group of `group` tokens that share a time (`time_group`); a single row is
     returned as it is ([...]) and broadcasts to every token. index_select, not table[index]:
     its backward is an index_add, several times faster on CPU than indexing's index_put."""
     if table.shape[0] == 1:
         return table[0]
+    index = index[:, ::group]  # [B, L / group]
     return table.index_select(0, index.flatten()).unflatten(0, index.shape)
 
 
+@dataclass
+class TimeIndex:
+    """Which row of a table of distinct times (AdaLN-single) each token takes: index [B, L]
+    into the table's rows, spread one row per aligned group of `group` tokens (`time_group`).
+    index None: the tables already hold one row per token."""
+
+    index: torch.Tensor | None = None
+    group: int = 1
+
+    def spread(self, table: torch.Tensor) -> torch.Tensor:
+        """table [U, ...] -> [B, L / group, ...] (or [...] when U == 1; table when per token)."""
+        return table if self.index is None else per_token(table, self.index, self.group)
+
+
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return x * (1 + scale) + shift
+    """x * scale + shift (the caller's scale already holds AdaLN's 1 + scale) for x [B, L, W]
+    and shift/scale [B, L / G, W] (one row per group of G tokens, `per_token`) or [W]."""
+    if shift.dim() < 3 or shift.shape[1] == x.shape[1]:
+        return torch.addcmul(shift, x, scale)
+    xg = x.unflatten(1, (shift.shape[1], -1))  # [B, L / G, G, W]
+    return torch.addcmul(shift[:, :, None], xg, scale[:, :, None]).flatten(1, 2)
+
+
+def gated(x: torch.Tensor, gate: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
+    """x + gate * update, with gate [B, L / G, W] or [W] as in `modulate`."""
+    if gate.dim() < 3 or gate.shape[1] == x.shape[1]:
+        return torch.addcmul(x, gate, update)
+    g = gate[:, :, None]  # [B, L / G, 1, W]
+    return torch.addcmul(x.unflatten(1, (g.shape[1], -1)), g,
+                         update.unflatten(1, (g.shape[1], -1))).flatten(1, 2)
 
 
 class Attention(nn.Module):
@@ -154,27 +197,35 @@ class DiTBlock(nn.Module):
         self.mod_offset = nn.Parameter(torch.zeros(6, width))  # per-layer AdaLN-single offsets
         self.compiled: tuple | None = None  # (pre, post) compiled by DiT.compile_blocks
 
-    def pre(self, x, mod, rope):
-        """Up to attention: modulated norm, then q, k, v ([B, H, L, Dh] each); also returns the
-        modulation the rest of the block uses. mod [B, L, 6, W] (or [6, W] when every token
-        shares one time): the shared AdaLN-single modulation of each token, 1 already added to
-        its two scale rows. modulate(x) = x * (1 + scale) + shift."""
-        sh1, sc1, g1, sh2, sc2, g2 = (mod + self.mod_offset).unbind(-2)  # [B, L, W] or [W]
-        q, k, v = self.attn.project(torch.addcmul(sh1, self.norm1(x), sc1), rope)
-        return q, k, v, (g1, sh2, sc2, g2)
+    def pre(self, x, mod1, rope):
+        """Up to attention: modulated norm, then q, k, v ([B, H, L, Dh] each). mod1 [B, L / G, 2, W]
+        (or [2, W] when every token shares one time): shift and 1 + scale of each group of G
+        tokens that share a time (`TimeIndex`)."""
+        shift, scale = mod1.unbind(-2)  # [B, L / G, W] or [W]
+        return self.attn.project(modulate(self.norm1(x), shift, scale), rope)
 
-    def post(self, x, out, g1, sh2, sc2, g2):
-        """After attention (out [B, H, L, Dh]): projection, gated residual, modulated MLP."""
-        x = torch.addcmul(x, g1, self.attn.proj(out.transpose(1, 2).flatten(2)))  # [B, L, W]
-        return torch.addcmul(x, g2, self.mlp(torch.addcmul(sh2, self.norm2(x), sc2)))
+    def post(self, x, out, mod2):
+        """After attention (out [B, H, L, Dh]): projection, gated residual, modulated MLP.
+        mod2 [B, L / G, 4, W] or [4, W]: attention gate, MLP shift, 1 + scale and gate."""
+        g1, sh2, sc2, g2 = mod2.unbind(-2)  # [B, L / G, W] or [W]
+        x = gated(x, g1, self.attn.proj(out.transpose(1, 2).flatten(2)))  # [B, L, W]
+        return gated(x, g2, self.mlp(modulate(self.norm2(x), sh2, sc2)))  # [B, L, W]
 
-    def forward(self, x, mod, rope, mask, backend, cache, layer, commit):
+    def forward(self, x, mod, times, rope, mask, backend, cache, layer, commit):
+        """mod [U, 6, W]: the shared AdaLN-single modulation of each distinct time (1 already
+        added to its two scale rows), or [B, L, 6, W] per token when times.index is None.
+        This layer adds its offsets to the small table, then spreads the pre- and the
+        post-attention rows over the tokens separately: each compiled region then reads only
+        its own rows, and their gradients go straight back to the table (index_add) instead
+        of being summed over the layers token by token."""
+        mod = mod + self.mod_offset  # [U, 6, W] or [B, L, 6, W]
         pre, post = self.compiled or (DiTBlock.pre, DiTBlock.post)
-        q, k, v, rest = pre(self, x, mod, rope)
+        q, k, v = pre(self, x, times.spread(mod[..., :2, :]), rope)
         if cache is not None:  # commit=True: keep every token of this call; an int n: its first n
             keep = x.shape[1] if commit is True else int(commit)
             k, v = cache.extend(layer, k, v, keep)  # [B, H, Lc + L, Dh]: the cache + this call
-        return post(self, x, attention(q, k, v, mask, backend), *rest)  # [B, L, W]
+        out = attention(q, k, v, mask, backend)  # [B, H, L, Dh]
+        return post(self, x, out, times.spread(mod[..., 2:, :]))  # [B, L, W]
 
 
 class DiT(ModelMixin, ConfigMixin):
@@ -293,22 +344,21 @@ class DiT(ModelMixin, ConfigMixin):
             proj = self.in_proj[name](z[..., :d])  # [B, L, W]
             h = h + (proj if len(self.modality_names) == 1 else proj * (modality == i)[..., None])
         # AdaLN-single depends on t alone: embed and project each distinct time once (a block
-        # shares one t), then spread them over the tokens once for all layers (each layer only
-        # adds its offsets). Not when training on an accelerator, where unique() would wait for
-        # the device: there every token is embedded.
-        index = None
+        # shares one t); each layer adds its offsets to that small table and spreads it over the
+        # tokens (DiTBlock.forward). Not when training on an accelerator, where unique() would
+        # wait for the device: there every token is embedded.
+        times = TimeIndex()
         if t.device.type == "cpu" or not torch.is_grad_enabled():
             t, index = t.unique(return_inverse=True)  # [U], [B, L]
+            times = TimeIndex(index, time_group(index))  # one row per G tokens sharing a time
         temb = self.t_embed(timestep_embedding(t, 256).to(h.dtype))  # [U or (B, L), W]
         mod = self.adaln(temb).unflatten(-1, (6, cfg.width)) + self.scale_one  # [.., 6, W]
-        final = self.final_adaln(temb)  # [U or (B, L), 2W]
-        if index is not None:
-            mod, final = per_token(mod, index), per_token(final, index)  # [B, L, ..] or [..]
+        final = times.spread(self.final_adaln(temb))  # [B, L / G, 2W] or [2W]
         rope = rope_tables(positions, cfg.width // cfg.heads, cfg.rope_axes, cfg.rope_theta)
         for i, blk in enumerate(self.blocks):
-            h = blk(h, mod, rope, mask, self.backend, cache, i, commit)  # [B, L, W]
-        shift, scale = final.chunk(2, dim=-1)  # [B, L, W] or [W]
-        h = modulate(self.final_norm(h), shift, scale)  # [B, L, W]
+            h = blk(h, mod, times, rope, mask, self.backend, cache, i, commit)  # [B, L, W]
+        shift, scale = final.chunk(2, dim=-1)  # [B, L / G, W] or [W]
+        h = modulate(self.final_norm(h), shift, 1 + scale)  # [B, L, W]
         out = z.new_zeros(*h.shape[:2], self.latent_width, dtype=h.dtype)
         for i, name in enumerate(self.modality_names):
             v = self.out_proj[name](h)  # [B, L, d]

@@ -183,3 +183,47 @@ def test_compiled_blocks_equal_eager():
         got = cached_blockwise(compiled, z0, zt, t_tok, pos, bs)
         two_l = two_l_noisy_out(compiled, z0, zt, t_tok, pos, bs)
     assert (ref - got).abs().max().item() <= 1e-5 and (ref - two_l).abs().max().item() <= 1e-5
+
+
+def test_time_group_finds_the_runs_that_share_a_time():
+    from prior.dit import time_group
+
+    per_block = torch.arange(3).repeat_interleave(16).expand(2, 48)  # blocks of 16
+    assert time_group(per_block) == 16
+    assert time_group(per_block[:, :40]) == 8  # 40 = 5 aligned groups of 8
+    assert time_group(torch.arange(6).repeat_interleave(4)[None]) == 4
+    assert time_group(torch.tensor([[0, 0, 0, 1, 1, 1]])) == 1  # runs of 3: not aligned to 2
+    assert time_group(torch.zeros(1, 7, dtype=torch.long)) == 1
+
+
+@pytest.mark.parametrize("bs", [4, 3])
+def test_grouped_modulation_equals_per_token(monkeypatch, bs):
+    """The 2L training forward spreads AdaLN per group of G tokens sharing a time (G = 4 for
+    blocks of 4; G = 1 when blocks of 3 do not align to 2): outputs and every gradient equal
+    the per-token spread (time_group forced to 1)."""
+    import prior.dit as dit_module
+
+    dit = random_dit(seed=21).train()
+    torch.manual_seed(5)
+    n = 12
+    z0, zt = torch.randn(2, n, 8), torch.randn(2, n, 8)
+    pos = torch.arange(n).expand(2, n)
+    t_tok = torch.rand(2, n // bs).repeat_interleave(bs, 1)
+
+    def run():
+        dit.zero_grad()
+        out = two_l_noisy_out(dit, z0, zt, t_tok, pos, bs)
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        return out.detach(), {k: p.grad.clone() for k, p in dit.named_parameters()}
+
+    seen = []
+    real = dit_module.time_group
+    monkeypatch.setattr(dit_module, "time_group", lambda idx: seen.append(real(idx)) or seen[-1])
+    grouped, grouped_grads = run()
+    assert seen == [bs if bs == 4 else 1]
+    monkeypatch.setattr(dit_module, "time_group", lambda idx: 1)
+    ref, ref_grads = run()
+    torch.testing.assert_close(grouped, ref, rtol=1e-5, atol=1e-6)
+    for name, g in ref_grads.items():
+        torch.testing.assert_close(grouped_grads[name], g, rtol=1e-4, atol=1e-5,
+                                   msg=lambda m, name=name: f"{name}: {m}")
