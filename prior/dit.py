@@ -122,6 +122,12 @@ def per_token(table: torch.Tensor, index: torch.Tensor, group: int = 1) -> torch
     return table.index_select(0, index.flatten()).unflatten(0, index.shape)
 
 
+def embed_distinct_times(t: torch.Tensor) -> bool:
+    """Embed each distinct time once (then spread it over the tokens), not every token: on CPU
+    and at inference. Not when training on an accelerator, where t.unique() would wait for it."""
+    return t.device.type == "cpu" or not torch.is_grad_enabled()
+
+
 @dataclass
 class TimeIndex:
     """Which row of a table of distinct times (AdaLN-single) each token takes: index [B, L]
@@ -345,10 +351,9 @@ class DiT(ModelMixin, ConfigMixin):
             h = h + (proj if len(self.modality_names) == 1 else proj * (modality == i)[..., None])
         # AdaLN-single depends on t alone: embed and project each distinct time once (a block
         # shares one t); each layer adds its offsets to that small table and spreads it over the
-        # tokens (DiTBlock.forward). Not when training on an accelerator, where unique() would
-        # wait for the device: there every token is embedded.
+        # tokens (DiTBlock.forward). Training on an accelerator embeds every token instead.
         times = TimeIndex()
-        if t.device.type == "cpu" or not torch.is_grad_enabled():
+        if embed_distinct_times(t):
             t, index = t.unique(return_inverse=True)  # [U], [B, L]
             times = TimeIndex(index, time_group(index))  # one row per G tokens sharing a time
         temb = self.t_embed(timestep_embedding(t, 256).to(h.dtype))  # [U or (B, L), W]
