@@ -108,7 +108,6 @@ def cola_params(cfg, tok) -> int:
 
 
 def compute_step(tr: Trainer, micro) -> None:
-    tr.optimizer.zero_grad(set_to_none=True)  # as the trainer does before each step
     tr._step(micro)
     torch.nn.utils.clip_grad_norm_(tr.model.parameters(), tr.cfg.optim.grad_clip)
     tr.optimizer.step()

@@ -142,22 +142,31 @@ class TimeIndex:
         return table if self.index is None else per_token(table, self.index, self.group)
 
 
+def _grouped(rows: torch.Tensor, x: torch.Tensor) -> bool:
+    """Whether rows [B, L / G, W] hold one row per group of G > 1 tokens of x [B, L, W]."""
+    return rows.dim() == 3 and rows.shape[1] != x.shape[1]
+
+
+def _groups(x: torch.Tensor, n: int) -> torch.Tensor:
+    """x [B, L, W] -> [B, n, L / n, W] (a view)."""
+    return x.unflatten(1, (n, -1))
+
+
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """x * scale + shift (the caller's scale already holds AdaLN's 1 + scale) for x [B, L, W]
     and shift/scale [B, L / G, W] (one row per group of G tokens, `per_token`) or [W]."""
-    if shift.dim() < 3 or shift.shape[1] == x.shape[1]:
+    if not _grouped(shift, x):
         return torch.addcmul(shift, x, scale)
-    xg = x.unflatten(1, (shift.shape[1], -1))  # [B, L / G, G, W]
-    return torch.addcmul(shift[:, :, None], xg, scale[:, :, None]).flatten(1, 2)
+    n = shift.shape[1]
+    return torch.addcmul(shift[:, :, None], _groups(x, n), scale[:, :, None]).flatten(1, 2)
 
 
 def gated(x: torch.Tensor, gate: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
     """x + gate * update, with gate [B, L / G, W] or [W] as in `modulate`."""
-    if gate.dim() < 3 or gate.shape[1] == x.shape[1]:
+    if not _grouped(gate, x):
         return torch.addcmul(x, gate, update)
-    g = gate[:, :, None]  # [B, L / G, 1, W]
-    return torch.addcmul(x.unflatten(1, (g.shape[1], -1)), g,
-                         update.unflatten(1, (g.shape[1], -1))).flatten(1, 2)
+    n = gate.shape[1]
+    return torch.addcmul(_groups(x, n), gate[:, :, None], _groups(update, n)).flatten(1, 2)
 
 
 class Attention(nn.Module):
