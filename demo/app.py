@@ -28,8 +28,8 @@ import gradio as gr
 from demo.components import ImageUpload, Knob, WholeNumber
 from demo.examples import DemoExamples, load_examples
 from demo.handlers import Handlers
+from unified.apps.pipeline import UnifiedPipeline
 from unified.generate import GenerationConfig, ImageGenerationConfig
-from unified.pipeline import UnifiedPipeline
 
 CSS = """
 .pixelated img { image-rendering: pixelated; }

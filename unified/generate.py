@@ -26,7 +26,6 @@ from dataclasses import dataclass
 
 import torch
 
-from prior.attention import TokenMeta
 from prior.flow import (
     SamplerConfig,
     cfg_combine,
@@ -39,11 +38,14 @@ from prior.flow import (
 from unified.layout import (
     MODALITY_IMAGE,
     MODALITY_TEXT,
-    SEG_C,
+    SEG_N,
     Layout,
     Segment,
+    append_block,
+    condition_layout,
     image_positions,
-    segment_blocks,
+    next_position,
+    split_prompt,
     text_positions,
 )
 from unified.model import ColaModel
@@ -145,69 +147,6 @@ def sample_tokens(logits: torch.Tensor, temperature: float, top_k: int, top_p: f
 
 
 # --------------------------------------------------------------------------------------------
-# the condition prefix
-
-
-@dataclass
-class Prefix:
-    """Condition tokens of every row, right-padded: each tensor [B, Lp] or [B, Lp, ...]."""
-
-    z: torch.Tensor
-    modality: torch.Tensor
-    positions: torch.Tensor  # [B, Lp, 2]
-    block: torch.Tensor
-    valid: torch.Tensor
-    droppable: torch.Tensor
-
-    @property
-    def length(self) -> int:
-        return self.z.shape[1]
-
-    @classmethod
-    def from_rows(cls, rows: list[list[Segment]], block_size: int, width: int,
-                  device: torch.device) -> Prefix:
-        """Stack rows of clean condition segments (block ids as in training's segment_blocks)."""
-        lp = max((sum(s.z0.shape[0] for s in segs) for segs in rows), default=0)
-        b = len(rows)
-        out = cls(torch.zeros(b, lp, width, device=device),
-                  torch.zeros(b, lp, dtype=torch.long, device=device),
-                  torch.zeros(b, lp, 2, dtype=torch.long, device=device),
-                  torch.zeros(b, lp, dtype=torch.long, device=device),
-                  torch.zeros(b, lp, dtype=torch.bool, device=device),
-                  torch.zeros(b, lp, dtype=torch.bool, device=device))
-        for r, segs in enumerate(rows):
-            at = 0
-            for seg, blk in zip(segs, segment_blocks(segs, block_size)):
-                n = seg.z0.shape[0]
-                sl = slice(at, at + n)
-                out.z[r, sl, : seg.z0.shape[-1]] = seg.z0
-                out.modality[r, sl] = seg.modality
-                out.positions[r, sl] = seg.positions
-                out.block[r, sl] = blk
-                out.valid[r, sl] = True
-                out.droppable[r, sl] = seg.droppable
-                at += n
-        return out
-
-    def layout(self, dropped: bool) -> Layout:
-        """The prefix as a clean training Layout (one CFG branch), for its attention rule."""
-        sample = torch.where(self.valid, 0, -1)
-        meta = TokenMeta(sample, self.block, torch.zeros_like(self.valid))
-        cd = torch.full_like(self.valid, dropped) & self.valid
-        # segment and loss mask play no part in the attention rule: placeholders
-        return Layout(self.z, torch.zeros(self.valid.shape, device=self.z.device),
-                      self.modality, self.positions, meta, segment=sample,
-                      droppable=self.droppable & self.valid, cond_dropped=cd,
-                      loss_mask=torch.zeros_like(self.valid))
-
-
-def next_position(segments: list[Segment]) -> int:
-    """The first text position after a row of placed segments (text (p, p) and image
-    (row, col) + offset positions alike: one past the largest coordinate)."""
-    return max((int(s.positions.max()) + 1 for s in segments if s.z0.shape[0]), default=0)
-
-
-# --------------------------------------------------------------------------------------------
 # the prior, fast and slow
 
 
@@ -218,23 +157,23 @@ class _CachedPrior:
     output again, so it gets no unconditional row: its CFG combination is its conditional
     velocity."""
 
-    def __init__(self, prior, prefix: Prefix, guidance: float):
+    def __init__(self, prior, prefix: Layout, guidance: float):
         self.prior, self.guidance = prior, guidance
         self.nfe = 0
         self.cache = prior.new_cache()
         self.pending: tuple | None = None  # a finished block awaiting its commit pass
-        droppable = (prefix.valid & prefix.droppable).any(1)  # [B]
+        valid = prefix.valid
+        droppable = (valid & prefix.droppable).any(1)  # [B]
         self.uncond = droppable.nonzero()[:, 0] if guidance != 1.0 else droppable.new_zeros(
             0, dtype=torch.long)
         u = self.uncond
-        self.key_valid = torch.cat([prefix.valid, (prefix.valid & ~prefix.droppable)[u]])
-        if prefix.length:
-            masks = [prefix.layout(dropped=False).attention_mask()]
+        self.key_valid = torch.cat([valid, (valid & ~prefix.droppable)[u]])
+        if prefix.z.shape[1]:
+            masks = [prefix.with_dropped(False).attention_mask()]
             if len(u):
-                masks.append(prefix.layout(dropped=True).attention_mask()[u])
-            prior(self._rows(prefix.z), torch.zeros(self.key_valid.shape, device=prefix.z.device),
-                  self._rows(prefix.modality), self._rows(prefix.positions), torch.cat(masks),
-                  cache=self.cache, commit=True)
+                masks.append(prefix.with_dropped(True).attention_mask()[u])
+            prior(self._rows(prefix.z), self._rows(prefix.t), self._rows(prefix.modality),
+                  self._rows(prefix.positions), torch.cat(masks), cache=self.cache, commit=True)
             self.nfe += 1
 
     def _rows(self, x: torch.Tensor) -> torch.Tensor:
@@ -281,54 +220,37 @@ class _CachedPrior:
 
 
 class _ReferencePrior:
-    """No cache: every call re-runs [clean history | noisy block] with the Layout's rule."""
+    """No cache: every call re-runs [clean history | noisy block] as one Layout (the training
+    attention rule), one call per CFG branch."""
 
-    def __init__(self, prior, prefix: Prefix, guidance: float):
+    def __init__(self, prior, prefix: Layout, guidance: float):
         self.prior, self.guidance = prior, guidance
         self.branches = 1 if guidance == 1.0 else 2
         self.nfe = 0
         self.hist = prefix  # grows by one block per commit
 
-    def _next_block(self, b: int, n: int, device) -> torch.Tensor:
-        """Block ids [B, n] of a new block: one past each row's last history block."""
-        h = self.hist
-        last = torch.where(h.valid, h.block, -1).amax(1, keepdim=True) if h.length else \
-            torch.full((b, 1), -1, device=device, dtype=torch.long)
-        return (last + 1).expand(b, n)
-
-    def _layout(self, z, t, modality, pos, dropped: bool) -> Layout:
-        h, (b, n) = self.hist, z.shape[:2]
-        dev = z.device
-        ones = torch.ones(b, n, dtype=torch.bool, device=dev)
-        sample = torch.cat([torch.where(h.valid, 0, -1), torch.zeros_like(ones, dtype=torch.long)], 1)
-        meta = TokenMeta(sample, torch.cat([h.block, self._next_block(b, n, dev)], 1),
-                         torch.cat([torch.zeros_like(h.valid), ones], 1))
-        valid = sample >= 0
-        # segment and loss mask play no part in the attention rule: placeholders
-        return Layout(torch.cat([h.z, z], 1), torch.cat([torch.zeros(h.valid.shape, device=dev), t], 1),
-                      torch.cat([h.modality, modality], 1), torch.cat([h.positions, pos], 1),
-                      meta, segment=sample, droppable=torch.cat([h.droppable & h.valid, ~ones], 1),
-                      cond_dropped=torch.full_like(valid, dropped) & valid, loss_mask=valid)
-
     def velocity(self, z, t, modality, pos):
         outs = []
+        noisy = append_block(self.hist, z, t, modality, pos, noisy=True)
         for dropped in (False, True)[: self.branches]:
-            lay = self._layout(z, t, modality, pos, dropped)
+            lay = noisy.with_dropped(dropped)
             v = self.prior(lay.z, lay.t, lay.modality, lay.positions, lay.attention_mask())
             outs.append(v[:, -z.shape[1]:].float())
             self.nfe += 1
         return outs[0] if len(outs) == 1 else cfg_combine(outs[0], outs[1], self.guidance)
 
     def commit(self, z, modality, pos) -> None:
-        h, (b, n) = self.hist, z.shape[:2]
-        ones = torch.ones(b, n, dtype=torch.bool, device=z.device)
-        self.hist = Prefix(torch.cat([h.z, z], 1), torch.cat([h.modality, modality], 1),
-                           torch.cat([h.positions, pos], 1),
-                           torch.cat([h.block, self._next_block(b, n, z.device)], 1),
-                           torch.cat([h.valid, ones], 1), torch.cat([h.droppable, ~ones], 1))
+        self.hist = append_block(self.hist, z, torch.zeros(z.shape[:2], device=z.device),
+                                 modality, pos, noisy=False)
 
 
-def _prior_session(prior, prefix: Prefix, guidance: float, use_cache: bool):
+def open_session(prior, conditions: list[list[Segment]], block_size: int, guidance: float,
+                 use_cache: bool = True):
+    """The prior's state for generating after each row's placed condition segments (prefix
+    laid out by `condition_layout`, as training lays out its history): `velocity(z, t,
+    modality, positions)` of a new block, then `commit(...)` of the finished block."""
+    dev = next(prior.parameters()).device
+    prefix = condition_layout(conditions, block_size, prior.latent_width, dev)
     return (_CachedPrior if use_cache else _ReferencePrior)(prior, prefix, guidance)
 
 
@@ -433,11 +355,14 @@ class TextGenerator:
         return _Rows(ids, z_prompt, lengths // self.bs, lengths % self.bs,
                      torch.tensor(offsets, device=dev), [[] for _ in ids])
 
-    def _prompt_segments(self, rows: _Rows, r: int, droppable: bool) -> Segment:
-        n = int(rows.n_full[r]) * self.bs
-        pos = text_positions(int(rows.offset[r]), n).to(rows.z_prompt.device)
-        return Segment(SEG_C, rows.z_prompt[r, :n], MODALITY_TEXT, pos, False,
-                       droppable=droppable)
+    def _prompt_segments(self, rows: _Rows, r: int, droppable: bool) -> list[Segment]:
+        """The prompt as training places it (`split_prompt`): its whole blocks a clean
+        condition C (CFG drops it when `droppable`), the rest pinned in the first block."""
+        n = len(rows.ids[r])
+        text = Segment(SEG_N, rows.z_prompt[r, :n], MODALITY_TEXT,
+                       text_positions(int(rows.offset[r]), n).to(rows.z_prompt.device), True,
+                       prompt=n, prompt_droppable=droppable)
+        return [seg for seg, _ in split_prompt([text], self.bs) if not seg.target]
 
     def _block(self, rows: _Rows, g: int):
         """Text positions [B, bs] of generated block g, pins (bool [B, bs], values [B, bs, d])."""
@@ -489,10 +414,9 @@ class TextGenerator:
         rows = self._prepare(prompts, gen, conditions is not None, offsets)
         dev, d = rows.z_prompt.device, rows.z_prompt.shape[-1]
         prefix_rows = [[*(conditions[r] if conditions else []),
-                        self._prompt_segments(rows, r, droppable=conditions is None)]
+                        *self._prompt_segments(rows, r, droppable=conditions is None)]
                        for r in range(len(prompts))]
-        prefix = Prefix.from_rows(prefix_rows, self.bs, self.prior.latent_width, dev)
-        prior = _prior_session(self.prior, prefix, gen.guidance, use_cache)
+        prior = open_session(self.prior, prefix_rows, self.bs, gen.guidance, use_cache)
         decoder = _TextDecoder(self.vae, rows.z_prompt, rows.n_full, self.bs, use_cache)
         noise_gen = torch.Generator(device=dev).manual_seed(gen.seed)
         token_gen = torch.Generator(device=dev).manual_seed(gen.seed + 1)
@@ -552,8 +476,7 @@ class ImageGenerator:
         dev = next(m.prior.parameters()).device
         grid = m.image_grid().to(dev)
         b, n, d = len(conditions), grid.shape[0], m.image_token_dim
-        prefix = Prefix.from_rows(conditions, m.block_size, m.prior.latent_width, dev)
-        prior = _prior_session(m.prior, prefix, gen.guidance, use_cache)
+        prior = open_session(m.prior, conditions, m.block_size, gen.guidance, use_cache)
         pos = torch.stack([image_positions(grid, next_position(c)) for c in conditions])
         mod = torch.full((b, n), MODALITY_IMAGE, dtype=torch.long, device=dev)
         noise_gen = torch.Generator(device=dev).manual_seed(gen.seed)
@@ -593,8 +516,7 @@ class ImageGenerator:
         b, n, d = tokens.shape
         k = len(times)
         rows = [c for c in conditions for _ in times]  # row-major: (row, time)
-        prefix = Prefix.from_rows(rows, m.block_size, m.prior.latent_width, dev)
-        prior = _prior_session(m.prior, prefix, 1.0, use_cache)
+        prior = open_session(m.prior, rows, m.block_size, 1.0, use_cache)
         eps = torch.randn(k, n, d, device=dev,
                           generator=torch.Generator(device=dev).manual_seed(seed)).repeat(b, 1, 1)
         t = torch.tensor(times, device=dev).repeat(b)[:, None].expand(b * k, n)

@@ -14,6 +14,7 @@ Classifier-free guidance drops C: the target region of a dropped sample cannot s
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -39,6 +40,15 @@ class Layout:
     cond_dropped: torch.Tensor  # bool: this token's sample has its condition dropped
     loss_mask: torch.Tensor  # bool: flow loss on this token
     target: torch.Tensor | None = None  # velocity target u = eps - z0 (training only)
+
+    @property
+    def valid(self) -> torch.Tensor:
+        """[B, N] bool: a real token, not row padding."""
+        return self.meta.sample >= 0
+
+    def with_dropped(self, dropped: bool) -> Layout:
+        """The same layout as one CFG branch: every sample's condition kept or dropped."""
+        return dataclasses.replace(self, cond_dropped=torch.full_like(self.valid, dropped) & self.valid)
 
     def attention_mask(self) -> torch.Tensor:
         """[B, N, N] boolean mask: the block-causal rule, minus the droppable condition for
@@ -241,18 +251,63 @@ def place(specs: list[SegmentSpec], texts: list[torch.Tensor], images: list[torc
           grid: torch.Tensor) -> list[Segment]:
     """Resolve specs to Segments: texts[i] [n, d] and images[i] [n_img, d'] are the latents of
     the sample's pieces; grid [n_img, 2] the (row, col) of image tokens."""
-    out, pos = [], 0
+    out: list[Segment] = []
     for s in specs:
+        pos = next_position(out)
         if s.modality == MODALITY_IMAGE:
             z, p = images[s.source], image_positions(grid.to(images[s.source].device), pos)
-            pos = text_after_image(grid, pos)
         else:
             z = texts[s.source]
             p = text_positions(pos, z.shape[0]).to(z.device)
-            pos += z.shape[0]
         out.append(Segment(s.kind, z, s.modality, p, s.target, s.blocks, s.join_previous,
                            s.droppable, s.prompt, s.prompt_droppable))
     return out
+
+
+def _tokens(seg: Segment, block: torch.Tensor, width: int, **given) -> dict[str, torch.Tensor]:
+    """The per-token fields of one segment in a layout row, clean (t = 0, no loss, detached)
+    unless `given` overrides them (the noisy copy: z, t, noisy, loss, target, droppable)."""
+    n, dev = seg.z0.shape[0], seg.z0.device
+    z0 = torch.nn.functional.pad(seg.z0, (0, width - seg.z0.shape[-1]))
+    full = lambda v, dtype=None: torch.full((n,), v, dtype=dtype, device=dev)
+    return dict(z=z0.detach(), t=full(0.0), modality=full(seg.modality),
+                positions=seg.positions.to(dev), block=block.to(dev), segment=full(seg.kind),
+                droppable=full(seg.droppable), noisy=full(False), loss=full(False),
+                target=torch.zeros_like(z0)) | given
+
+
+def _select(part: dict[str, torch.Tensor], keep: torch.Tensor) -> dict[str, torch.Tensor]:
+    return {k: v[keep] for k, v in part.items()}
+
+
+def stack_rows(rows: list[list[dict[str, torch.Tensor]]], dropped: list[bool], width: int,
+               device: torch.device | str) -> Layout:
+    """One Layout from rows of token parts (`_tokens`), one sample per row, right-padded. The
+    one place that turns parts into a Layout: training (`build_layout`) and generation
+    (`condition_layout`, `append_block`) alike."""
+    empty = _tokens(Segment(SEG_PAD, torch.zeros(0, width, device=device), MODALITY_TEXT,
+                            torch.zeros(0, 2, dtype=torch.long, device=device), False),
+                    torch.zeros(0, dtype=torch.long), width)
+    cat = [{k: torch.cat([p[k] for p in [empty, *parts]]) for k in empty} for parts in rows]
+    length = max((r["z"].shape[0] for r in cat), default=0)
+
+    def stack(key, fill):
+        return torch.stack([torch.cat([r[key], torch.full((length - r[key].shape[0],
+                                                           *r[key].shape[1:]), fill,
+                                                          dtype=r[key].dtype, device=device)])
+                            for r in cat])
+
+    n_valid = torch.tensor([r["z"].shape[0] for r in cat], device=device)
+    valid = torch.arange(length, device=device)[None] < n_valid[:, None]
+    sample = torch.where(valid, 0, -1)
+    drop = torch.tensor(dropped, dtype=torch.bool, device=device)
+    return Layout(
+        z=stack("z", 0.0), t=stack("t", 0.0), modality=stack("modality", 0),
+        positions=stack("positions", 0), meta=TokenMeta(sample, stack("block", 0),
+                                                        stack("noisy", False)),
+        segment=stack("segment", SEG_PAD), droppable=stack("droppable", False),
+        cond_dropped=drop[:, None].expand(-1, length) & valid,
+        loss_mask=stack("loss", False), target=stack("target", 0.0))
 
 
 def build_layout(samples: list[list[Segment]], block_size: int,
@@ -268,29 +323,23 @@ def build_layout(samples: list[list[Segment]], block_size: int,
     target block would be computed for nothing. Gradients reach the latents through the noisy
     copy and the velocity target, as in the text-only layout.
     """
-    rows = []
     d = max(seg.z0.shape[-1] for segs in samples for seg in segs)
     dev = samples[0][0].z0.device
     drop_probs = (cond_drop_prob if isinstance(cond_drop_prob, list)
                   else [cond_drop_prob] * len(samples))
+    rows, drops = [], []
     for segs, drop_prob in zip(samples, drop_probs):
         pairs = split_prompt(segs, block_size)
         segs = [s for s, _ in pairs]
         blocks = [b.to(dev) for b in segment_blocks(segs, block_size)]
-        drop = bool(torch.rand((), device=dev, generator=generator) < drop_prob)
+        drops.append(bool(torch.rand((), device=dev, generator=generator) < drop_prob))
         last_target = max(int(b.max()) for s, b in zip(segs, blocks) if s.target and len(b))
         clean, noisy = [], []
         for (seg, pinned), blk in zip(pairs, blocks):
             n = seg.z0.shape[0]
-            z0 = torch.nn.functional.pad(seg.z0, (0, d - seg.z0.shape[-1]))
-            full = lambda v, dtype=None, n=n: torch.full((n,), v, dtype=dtype, device=dev)
-            base = dict(modality=full(seg.modality), positions=seg.positions.to(dev), block=blk,
-                        segment=full(seg.kind), droppable=full(seg.droppable))
             seen = blk < last_target  # a clean token is history only for later noisy blocks
             if seen.any():
-                clean.append({k: v[seen] for k, v in dict(
-                    base, z=z0.detach(), t=full(0.0), noisy=full(False), loss=full(False),
-                    target=torch.zeros_like(z0)).items()})
+                clean.append(_select(_tokens(seg, blk, d), seen))
             if seg.target:
                 tc = times[seg.modality]
                 uniq, inv = blk.unique(return_inverse=True)
@@ -298,33 +347,50 @@ def build_layout(samples: list[list[Segment]], block_size: int,
                                         generator=generator)[inv]
                 free = torch.arange(n, device=dev) >= pinned  # pinned prompt: clean, no loss
                 t = t * free
+                z0 = torch.nn.functional.pad(seg.z0, (0, d - seg.z0.shape[-1]))
                 eps = torch.randn(z0.shape, device=dev, generator=generator, dtype=z0.dtype)
-                noisy.append(dict(base, z=interpolate(z0, eps, t.to(z0.dtype)), t=t,
-                                  noisy=full(True), loss=free,
-                                  target=velocity_target(z0, eps), droppable=full(False)))
-        parts = clean + noisy
-        rows.append({k: torch.cat([p[k] for p in parts]) for k in parts[0]} | {"drop": drop})
-    length = max(r["z"].shape[0] for r in rows)
+                noisy.append(_tokens(seg, blk, d, z=interpolate(z0, eps, t.to(z0.dtype)), t=t,
+                                     noisy=torch.ones_like(free), loss=free,
+                                     target=velocity_target(z0, eps),
+                                     droppable=torch.zeros_like(free)))
+        rows.append(clean + noisy)
+    return stack_rows(rows, drops, d, dev)
 
-    def stack(key, fill):
-        out = []
-        for r in rows:
-            x = r[key]
-            pad = torch.full((length - x.shape[0], *x.shape[1:]), fill, dtype=x.dtype, device=dev)
-            out.append(torch.cat([x, pad]))
-        return torch.stack(out)
 
-    n_valid = torch.tensor([r["z"].shape[0] for r in rows], device=dev)
-    valid = torch.arange(length, device=dev)[None] < n_valid[:, None]
-    sample = torch.where(valid, 0, -1)
-    dropped = torch.tensor([r["drop"] for r in rows], device=dev)
+# --------------------------------------------------------------------------------------------
+# generation: the same primitives, a block at a time (unified/generate.py)
+
+
+def condition_layout(rows: list[list[Segment]], block_size: int, width: int,
+                     device: torch.device | str) -> Layout:
+    """The clean condition segments of every row (t = 0, block ids as in training): the
+    prefix that generation encodes before its first block."""
+    parts = [[_tokens(seg, blk, width) for seg, blk in zip(segs, segment_blocks(segs, block_size))]
+             for segs in rows]
+    return stack_rows(parts, [False] * len(rows), width, device)
+
+
+def append_block(lay: Layout, z: torch.Tensor, t: torch.Tensor, modality: torch.Tensor,
+                 positions: torch.Tensor, noisy: bool) -> Layout:
+    """`lay` with one new block per row: z [B, n, D] at times t [B, n], one past each row's
+    last block (a generated text block or an image). `noisy` marks the 2L noisy copy (a block
+    being generated); clean (noisy=False) is a committed block joining the history. The new
+    tokens' condition is kept: `with_dropped` sets the CFG branch of the whole layout."""
+    b, n = z.shape[:2]
+    dev = z.device
+    last = torch.where(lay.valid, lay.meta.block, -1).amax(1, keepdim=True) if lay.z.shape[1] \
+        else torch.full((b, 1), -1, dtype=torch.long, device=dev)
+    ones = torch.ones(b, n, dtype=torch.bool, device=dev)
+    cat = lambda a, x: torch.cat([a, x], 1)
     return Layout(
-        z=stack("z", 0.0), t=stack("t", 0.0), modality=stack("modality", 0),
-        positions=stack("positions", 0), meta=TokenMeta(sample, stack("block", 0),
-                                                        stack("noisy", False)),
-        segment=stack("segment", SEG_PAD), droppable=stack("droppable", False),
-        cond_dropped=dropped[:, None].expand(-1, length) & valid,
-        loss_mask=stack("loss", False), target=stack("target", 0.0))
+        z=cat(lay.z, z), t=cat(lay.t, t), modality=cat(lay.modality, modality),
+        positions=cat(lay.positions, positions),
+        meta=TokenMeta(cat(lay.meta.sample, torch.zeros(b, n, dtype=torch.long, device=dev)),
+                       cat(lay.meta.block, (last + 1).expand(b, n)),
+                       cat(lay.meta.noisy, ones if noisy else ~ones)),
+        segment=cat(lay.segment, torch.full((b, n), SEG_N, device=dev)),
+        droppable=cat(lay.droppable, ~ones), cond_dropped=cat(lay.cond_dropped, ~ones),
+        loss_mask=cat(lay.loss_mask, ones & noisy))
 
 
 # ------------------------------------------------------------------ positions
@@ -335,6 +401,8 @@ def image_positions(grid: torch.Tensor, offset: int) -> torch.Tensor:
     return grid + offset
 
 
-def text_after_image(grid: torch.Tensor, offset: int) -> int:
-    """First text position after an image placed at `offset` (past its largest row/col)."""
-    return offset + int(grid.max()) + 1 if len(grid) else offset
+def next_position(segments: list[Segment]) -> int:
+    """The first position after a row of placed segments: one past the largest coordinate of
+    any of them (text (p, p) and image (row, col) + offset alike). The one rule for where text
+    or an image starts after what precedes it, in training (`place`) and generation."""
+    return max((int(s.positions.max()) + 1 for s in segments if s.z0.shape[0]), default=0)
