@@ -31,20 +31,27 @@ class DemoProcess:
     """`cola demo` on 127.0.0.1 and a free port, started on enter and stopped on exit.
 
     `threads` caps torch's threads in the child (COLA_THREADS); its output goes to `log_path`
-    (`.log_text()` reads it, and a failed start raises with its tail)."""
+    (`.log_text()` reads it, and a failed start raises with its tail). Subclasses run another
+    server subcommand (unified/apps/process.py: `cola serve`) by overriding `command` and
+    `ready_path`."""
+
+    ready_path = "gradio_api/info"  # answers 200 once the server is up
 
     def __init__(self, checkpoint: str | Path | None = None, *, port: int | None = None,
                  threads: int = 1, concurrency: int = 2, max_queue: int = 64,
                  timeout: float = 120.0, extra_args: list[str] | None = None):
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}/"
-        self.cmd = [sys.executable, "-m", "unified.cli", "demo", "--port", str(self.port),
-                    "--concurrency", str(concurrency), "--max-queue", str(max_queue),
+        self.cmd = [sys.executable, "-m", "unified.cli", *self.command(concurrency, max_queue),
+                    "--port", str(self.port),
                     *(["--checkpoint", str(checkpoint)] if checkpoint else []),
                     *(extra_args or [])]
         self.threads, self.timeout = threads, timeout
         self.log_path = Path(tempfile.mkstemp(prefix="cola-demo-", suffix=".log")[1])
         self.proc: subprocess.Popen | None = None
+
+    def command(self, concurrency: int, max_queue: int) -> list[str]:
+        return ["demo", "--concurrency", str(concurrency), "--max-queue", str(max_queue)]
 
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -62,7 +69,7 @@ class DemoProcess:
                 raise RuntimeError(f"the demo exited with code {self.proc.returncode}:\n"
                                    f"{self.log_text()[-3000:]}")
             try:
-                if httpx.get(self.url + "gradio_api/info", timeout=2).status_code == 200:
+                if httpx.get(self.url + self.ready_path, timeout=2).status_code == 200:
                     return self.url
             except httpx.HTTPError:
                 pass
