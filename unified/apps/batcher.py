@@ -108,7 +108,8 @@ class Batcher:
         self._cv = threading.Condition()
         self._stop = False
         self.running: list[Job] = []
-        self.stats = {"batches": 0, "rows": 0, "largest_batch": 0, "jobs": 0}
+        self.stats = {"batches": 0, "rows": 0, "largest_batch": 0, "jobs": 0, "cancelled": 0,
+                      "timeouts": 0, "abandoned_batches": 0}
         self._thread = threading.Thread(target=self._loop, name="cola-batcher", daemon=True)
         self._thread.start()
 
@@ -126,8 +127,9 @@ class Batcher:
     def cancel(self, job: Job) -> None:
         """The client went away: drop the job from the queue, or from its running batch (the
         batch stops computing once no job in it is left)."""
-        job.closed = True
         with self._cv:
+            self.stats["cancelled"] += not job.closed
+            job.closed = True
             if job in self._waiting:
                 self._waiting.remove(job)
 
@@ -144,6 +146,7 @@ class Batcher:
 
     # ------------------------------------------------------------------ worker side
     def _expire(self, job: Job, where: str) -> None:
+        self.stats["timeouts"] += 1
         job.push("error", ApiError(504, f"the request timed out after {job.timeout:g} s "
                                         f"({where})", "timeout_error", code="timeout"))
 
@@ -197,7 +200,7 @@ class Batcher:
                 else:
                     self._run_text(batch)
             except _Abandoned:
-                pass
+                self.stats["abandoned_batches"] += 1
             except ValueError as e:  # an input the checks let through: the user's error
                 for job in batch:
                     job.push("error", ApiError(400, str(e)))
@@ -212,14 +215,13 @@ class Batcher:
             log.debug("batch of %d jobs / %d rows in %.2f s", len(batch), rows,
                       time.monotonic() - start)
 
-    def _check_open(self, batch: list[Job]) -> None:
-        """Time out expired jobs; stop the batch when none is left."""
+    def _all_closed(self, batch: list[Job]) -> bool:
+        """Time out expired jobs; True when no job of the batch is left."""
         now = time.monotonic()
         for job in batch:
             if not job.closed and now > job.deadline:
                 self._expire(job, "while generating")
-        if all(j.closed for j in batch):
-            raise _Abandoned
+        return all(j.closed for j in batch)
 
     def _run_text(self, batch: list[Job]) -> None:
         from tasks import image_to_text, text_to_text
@@ -259,7 +261,10 @@ class Batcher:
                     if all(done[at:at + job.rows]):
                         job.push("done")
                     at += job.rows
-                self._check_open(batch)
+                if self._all_closed(batch):
+                    if not all(done):  # the rest left (went away or timed out): stop early
+                        raise _Abandoned
+                    break
         finally:
             it.close()
         for job in batch:  # the engine stopped (every row at EOS or the budget)
@@ -274,7 +279,8 @@ class Batcher:
         gen = dataclasses.replace(batch[0].gen, seed=seeds[0])
 
         def on_step(_i: int, _steps: int) -> None:
-            self._check_open(batch)
+            if self._all_closed(batch):
+                raise _Abandoned
 
         out = text_to_image.generate(self.model, prompts, gen, seeds=seeds, on_step=on_step)
         images = to_pil(out.images)

@@ -157,7 +157,7 @@ def _text_gen(body: _TextBody, ctx: ServeContext, prompt_tokens: int, default_bu
                        code="context_length_exceeded")
     budget = min(default_budget, room) if budget is None else budget
     with as_param("max_tokens"):
-        check_int("max_tokens", budget, 1, ctx.context)
+        budget = check_int("max_tokens", budget, 1, 1 << 20)
     if budget > room:
         raise ApiError(400, f"the prompt is {prompt_tokens} tokens and max_tokens {budget}: "
                             f"together at most the model's context of {ctx.context} tokens "
