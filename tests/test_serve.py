@@ -276,3 +276,26 @@ def test_full_queue_429_disconnect_frees_and_waiting_requests_batch(server, clie
         assert results[i] == pipe.generate_text(p, max_new_tokens=4, steps=1, seed=i).text
     assert client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=4,
                                      extra_body=FAST).choices[0].text is not None
+
+
+@pytest.mark.parametrize("flag,value", [("--port", "70000"), ("--max-batch", "0"),
+                                        ("--max-queue", "0"), ("--timeout", "0")])
+def test_serve_bad_settings_fail_before_the_model_loads(capsys, flag, value):
+    from unified.cli import main
+
+    assert main(["serve", flag, value, "--checkpoint", "/no/such/model"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("cola serve: error: ") and flag in err and "Traceback" not in err
+
+
+def test_serve_refuses_a_busy_port(capsys):
+    import socket
+
+    from unified.cli import main
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        assert main(["serve", "--port", str(port), "--checkpoint", "/no/such/model"]) == 2
+    assert f"cannot serve on 127.0.0.1:{port}" in capsys.readouterr().err
