@@ -66,7 +66,7 @@ class DemoProcess:
         deadline = time.monotonic() + self.timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"the demo exited with code {self.proc.returncode}:\n"
+                raise RuntimeError(f"cola {self.cmd[3]} exited with code {self.proc.returncode}:\n"
                                    f"{self.log_text()[-3000:]}")
             try:
                 if httpx.get(self.url + self.ready_path, timeout=2).status_code == 200:
@@ -75,7 +75,7 @@ class DemoProcess:
                 pass
             time.sleep(0.5)
         self.stop()
-        raise TimeoutError(f"the demo did not answer within {self.timeout:.0f} s:\n"
+        raise TimeoutError(f"cola {self.cmd[3]} did not answer within {self.timeout:.0f} s:\n"
                            f"{self.log_text()[-3000:]}")
 
     def stop(self) -> None:
