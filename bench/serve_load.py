@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import openai  # noqa: E402
 
 from unified.apps.process import ServeProcess  # noqa: E402
-from unified.cli_tasks import DEFAULT_CHECKPOINT  # noqa: E402
+from unified.apps.cli_tasks import DEFAULT_CHECKPOINT  # noqa: E402
 
 PROMPTS = ["The function returns", "Return the number of", "Open the file and read",
            "A list of the", "If the value is", "The path to the"]

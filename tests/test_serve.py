@@ -19,9 +19,9 @@ import pytest
 from PIL import Image
 
 from demo.process import REPO
-from tasks.shapes import render, scene_at
+from tasks.shapes.world import render, scene_at
 from unified.apps.process import ServeProcess
-from unified.cli_tasks import DEFAULT_CHECKPOINT
+from unified.apps.cli_tasks import DEFAULT_CHECKPOINT
 
 KEY = "test-key-123"
 MODEL = "cola-demo"
@@ -44,7 +44,7 @@ def client(server):
 @pytest.fixture(scope="module")
 def pipe():
     """The same checkpoint in this process: what the server must reproduce."""
-    from unified.pipeline import UnifiedPipeline
+    from unified.apps.pipeline import UnifiedPipeline
 
     return UnifiedPipeline.from_pretrained(DEFAULT_CHECKPOINT, device="cpu")
 
@@ -128,7 +128,7 @@ def test_chat_with_an_image_gives_the_caption_of_cola_caption(client, pipe, tmp_
     image.save(path)
     question = "how many objects are there?"
     cli = subprocess.run(
-        [sys.executable, "-m", "unified.cli", "caption", str(path), "--question", question,
+        [sys.executable, "-m", "unified.apps.cli", "caption", str(path), "--question", question,
          "--max-new-tokens", "16", "--steps", "2", "--seed", "3"], cwd=REPO,
         env={**os.environ, "COLA_THREADS": "1"}, capture_output=True, text=True, timeout=120)
     assert cli.returncode == 0, cli.stderr
@@ -281,7 +281,7 @@ def test_full_queue_429_disconnect_frees_and_waiting_requests_batch(server, clie
 @pytest.mark.parametrize("flag,value", [("--port", "70000"), ("--max-batch", "0"),
                                         ("--max-queue", "0"), ("--timeout", "0")])
 def test_serve_bad_settings_fail_before_the_model_loads(capsys, flag, value):
-    from unified.cli import main
+    from unified.apps.cli import main
 
     assert main(["serve", flag, value, "--checkpoint", "/no/such/model"]) == 2
     err = capsys.readouterr().err.strip()
@@ -291,7 +291,7 @@ def test_serve_bad_settings_fail_before_the_model_loads(capsys, flag, value):
 def test_serve_refuses_a_busy_port(capsys):
     import socket
 
-    from unified.cli import main
+    from unified.apps.cli import main
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -10,7 +10,7 @@ import pytest
 
 from unified.apps.batcher import Batcher, Job, QueueFull
 from unified.generate import GenerationConfig, ImageGenerationConfig
-from unified.pipeline import UnifiedPipeline
+from unified.apps.pipeline import UnifiedPipeline
 
 
 @pytest.fixture(scope="module")

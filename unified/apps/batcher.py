@@ -272,7 +272,7 @@ class Batcher:
 
     def _run_images(self, batch: list[Job]) -> None:
         from tasks import text_to_image
-        from unified.pipeline import to_pil
+        from unified.apps.pipeline import to_pil
 
         prompts = [p for j in batch for p in j.prompts]
         seeds = [s for j in batch for s in j.seeds]

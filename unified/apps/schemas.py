@@ -1,6 +1,6 @@
 """The server's request bodies (OpenAI schemas plus the project's knobs) and their checks: one
 function per request type turns a body into a batcher Job or raises ApiError with a message
-naming the field. The limits and messages of the pipeline (unified/pipeline.py: check_prompt,
+naming the field. The limits and messages of the pipeline (unified/apps/pipeline.py: check_prompt,
 prepare_image, the image size limit) and of the generation configs apply unchanged."""
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from prior.flow import SAMPLERS, check_int, check_real
 from unified.apps.batcher import Job
 from unified.apps.errors import ApiError
 from unified.generate import MAX_SEED, GenerationConfig, ImageGenerationConfig
-from unified.pipeline import MAX_IMAGE_SIDE, check_prompt, prepare_image
+from unified.apps.pipeline import MAX_IMAGE_SIDE, check_prompt, prepare_image
 
 MAX_N = 16  # choices (or images) per request
 MAX_STEPS = 64  # ODE steps a request may ask for (per block for text)

@@ -25,7 +25,7 @@ def cmd_serve(args) -> None:
 
     from prior.flow import check_int
     from unified.apps.openai_app import create_app
-    from unified.cli_tasks import DEFAULT_CHECKPOINT, UserError, _pipeline
+    from unified.apps.cli_tasks import DEFAULT_CHECKPOINT, UserError, _pipeline
 
     check_int("--port", args.port, 1, 65535)
     check_int("--max-batch", args.max_batch, 1, 256)
@@ -55,7 +55,7 @@ def cmd_serve(args) -> None:
 
 def add_parser(sub) -> None:
     """Register `cola serve` on the `cola` subparsers."""
-    from unified.cli_tasks import DEFAULT_CHECKPOINT
+    from unified.apps.cli_tasks import DEFAULT_CHECKPOINT
 
     s = sub.add_parser("serve", help="an OpenAI-compatible HTTP API (completions, chat with "
                                      "images, image generation)")
