@@ -31,20 +31,27 @@ class DemoProcess:
     """`cola demo` on 127.0.0.1 and a free port, started on enter and stopped on exit.
 
     `threads` caps torch's threads in the child (COLA_THREADS); its output goes to `log_path`
-    (`.log_text()` reads it, and a failed start raises with its tail)."""
+    (`.log_text()` reads it, and a failed start raises with its tail). Subclasses run another
+    server subcommand (unified/apps/process.py: `cola serve`) by overriding `command` and
+    `ready_path`."""
+
+    ready_path = "gradio_api/info"  # answers 200 once the server is up
 
     def __init__(self, checkpoint: str | Path | None = None, *, port: int | None = None,
                  threads: int = 1, concurrency: int = 2, max_queue: int = 64,
                  timeout: float = 120.0, extra_args: list[str] | None = None):
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}/"
-        self.cmd = [sys.executable, "-m", "unified.apps.cli", "demo", "--port", str(self.port),
-                    "--concurrency", str(concurrency), "--max-queue", str(max_queue),
+        self.cmd = [sys.executable, "-m", "unified.apps.cli", *self.command(concurrency, max_queue),
+                    "--port", str(self.port),
                     *(["--checkpoint", str(checkpoint)] if checkpoint else []),
                     *(extra_args or [])]
         self.threads, self.timeout = threads, timeout
         self.log_path = Path(tempfile.mkstemp(prefix="cola-demo-", suffix=".log")[1])
         self.proc: subprocess.Popen | None = None
+
+    def command(self, concurrency: int, max_queue: int) -> list[str]:
+        return ["demo", "--concurrency", str(concurrency), "--max-queue", str(max_queue)]
 
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -59,16 +66,16 @@ class DemoProcess:
         deadline = time.monotonic() + self.timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"the demo exited with code {self.proc.returncode}:\n"
+                raise RuntimeError(f"cola {self.cmd[3]} exited with code {self.proc.returncode}:\n"
                                    f"{self.log_text()[-3000:]}")
             try:
-                if httpx.get(self.url + "gradio_api/info", timeout=2).status_code == 200:
+                if httpx.get(self.url + self.ready_path, timeout=2).status_code == 200:
                     return self.url
             except httpx.HTTPError:
                 pass
             time.sleep(0.5)
         self.stop()
-        raise TimeoutError(f"the demo did not answer within {self.timeout:.0f} s:\n"
+        raise TimeoutError(f"cola {self.cmd[3]} did not answer within {self.timeout:.0f} s:\n"
                            f"{self.log_text()[-3000:]}")
 
     def stop(self) -> None:

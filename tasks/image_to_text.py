@@ -64,16 +64,17 @@ def _conditions(model: ColaModel, images: torch.Tensor, questions: list[str | No
 
 def stream(model: ColaModel, images: torch.Tensor, questions: list[str | None] | None = None,
            prefixes: list[str] | None = None, gen: GenerationConfig | None = None, *,
-           use_cache: bool = True):
+           use_cache: bool = True, seeds: list[int] | None = None):
     """Yield BlockOutputs of the answers for images [B, 3, H, W] in [-1, 1]; `questions` (None
-    = describe the image) and answer `prefixes` per image are optional."""
+    = describe the image), answer `prefixes` and `seeds` (default gen.seed) per image are
+    optional."""
     b = images.shape[0]
     if b == 0:
         raise ValueError("no images given")
     questions = questions or [None] * b
     prefixes = prefixes or [""] * b
     rows = _conditions(model, images, questions)
-    yield from TextGenerator(model).stream(prefixes, gen, use_cache, conditions=rows)
+    yield from TextGenerator(model).stream(prefixes, gen, use_cache, conditions=rows, seeds=seeds)
 
 
 @dataclass

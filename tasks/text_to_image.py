@@ -28,8 +28,10 @@ class TextToImage:
 
 def generate(model: ColaModel, prompts: list[str], gen: ImageGenerationConfig | None = None, *,
              use_cache: bool = True, trajectory: int = 0,
-             on_step: Callable[[int, int], None] | None = None) -> ImageOutput:
-    """Images for caption prompts (batched, one row per prompt)."""
+             on_step: Callable[[int, int], None] | None = None,
+             seeds: list[int] | None = None) -> ImageOutput:
+    """Images for caption prompts (batched, one row per prompt; `seeds`: one per row, default
+    gen.seed for every row)."""
     if not prompts:
         raise ValueError("no prompts given")
     rows = []
@@ -38,4 +40,4 @@ def generate(model: ColaModel, prompts: list[str], gen: ImageGenerationConfig | 
             raise ValueError("the prompt is empty: describe the image to draw")
         ids = encode_piece(model.tokenizer, p.strip(), model.vae.config.max_len)
         rows.append(encode_conditions(model, CONDITION, [ids], []))
-    return ImageGenerator(model).generate(rows, gen, use_cache, trajectory, on_step)
+    return ImageGenerator(model).generate(rows, gen, use_cache, trajectory, on_step, seeds)

@@ -33,9 +33,10 @@ def recipe(prompt: int) -> list[SegmentSpec]:
 
 
 def stream(model: ColaModel, prompts: list[str], gen: GenerationConfig | None = None, *,
-           use_cache: bool = True) -> Iterator[BlockOutput]:
-    """Continuations of prompts, one BlockOutput per generated block."""
-    return TextGenerator(model).stream(prompts, gen, use_cache)
+           use_cache: bool = True, seeds: list[int] | None = None) -> Iterator[BlockOutput]:
+    """Continuations of prompts, one BlockOutput per generated block (`seeds`: one per row,
+    default gen.seed for every row)."""
+    return TextGenerator(model).stream(prompts, gen, use_cache, seeds=seeds)
 
 
 # --------------------------------------------------------------------------------------------

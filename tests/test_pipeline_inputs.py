@@ -115,3 +115,21 @@ def test_reranked_caption_is_one_of_its_samples_and_counts_its_calls(pipe, image
         pipe.caption(image, rerank=3, stream=True)
     with pytest.raises(ValueError, match="rerank"):
         pipe.caption(image, rerank=-1)
+
+
+def test_a_prompt_gives_the_same_output_alone_and_in_a_batch(pipe):
+    """text_to_image([P, Q], seed=3) draws Q as text_to_image(Q, seed=3) does (each row its own
+    noise generator); a list gives one seed per prompt; a wrong count is refused."""
+    import numpy as np
+
+    p, q = "a large red circle at the top left", "a small blue square at the center"
+    both = pipe.text_to_image([p, q], steps=2, seed=3).images
+    alone = pipe.text_to_image(q, steps=2, seed=3).images[0]
+    assert np.abs(np.asarray(both[1], np.int16) - np.asarray(alone, np.int16)).max() <= 1
+    per_row = pipe.generate_text(["hello", "the cat"], max_new_tokens=8, steps=2, seed=[4, 9])
+    assert per_row.texts == [pipe.generate_text("hello", max_new_tokens=8, steps=2, seed=4).text,
+                             pipe.generate_text("the cat", max_new_tokens=8, steps=2, seed=9).text]
+    with pytest.raises(ValueError, match="1 seeds for 2 prompts"):
+        pipe.text_to_image([p, q], steps=2, seed=[3])
+    with pytest.raises(ValueError, match="seed"):
+        pipe.text_to_image([p, q], steps=2, seed=[3, -1])

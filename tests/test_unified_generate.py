@@ -1,6 +1,8 @@
 """Unified generation: the KV-cached engine against the full-recompute reference, for
 image-to-text (captions, questions, answer prefixes) and text-to-image."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -66,6 +68,37 @@ def test_text_to_image_rows_follow_their_prompt(tiny_unified):
     swapped = text_to_image.generate(tiny_unified, p[::-1], gen).tokens
     # same noise per row index, different condition: the rows differ
     assert not torch.allclose(both[0], swapped[0], atol=1e-4)
+
+
+def test_text_to_image_rows_equal_their_solo_images(tiny_unified):
+    """A row's noise comes from its own seed: [P, Q] with seed 3 draws Q as Q alone does, and a
+    list of seeds gives each row its own."""
+    gen = ImageGenerationConfig(steps=2, guidance=4.0, seed=3)
+    p = ["a large red circle at the top left", "two objects: a small blue square at the center "
+         "and a large green cross at the bottom right"]
+    both = text_to_image.generate(tiny_unified, p, gen)
+    for r in range(2):
+        solo = text_to_image.generate(tiny_unified, [p[r]], gen)
+        assert (solo.tokens[0] - both.tokens[r]).abs().max().item() <= 1e-5
+        assert (solo.images[0] - both.images[r]).abs().max().item() <= 1e-4
+    mixed = text_to_image.generate(tiny_unified, p, gen, seeds=[5, 3])
+    assert (mixed.tokens[1] - both.tokens[1]).abs().max().item() <= 1e-5
+    solo5 = text_to_image.generate(tiny_unified, [p[0]], dataclasses.replace(gen, seed=5))
+    assert (mixed.tokens[0] - solo5.tokens[0]).abs().max().item() <= 1e-5
+    assert not torch.allclose(mixed.tokens[0], both.tokens[0], atol=1e-3)
+
+
+def test_caption_rows_equal_their_solo_captions(tiny_unified):
+    gen = GenerationConfig(max_new_tokens=8, steps=2, guidance=2.0, temperature=1.0, seed=4)
+    qs, prefixes = [None, "what shape is at the top left?", None], ["", "", "a large"]
+    x = images()
+    both = list(image_to_text.stream(tiny_unified, x, qs, prefixes, gen))
+    for r in range(3):
+        solo = list(image_to_text.stream(tiny_unified, x[r:r + 1], qs[r:r + 1],
+                                          prefixes[r:r + 1], gen))
+        assert solo[-1].texts[0] == both[-1].texts[r]
+        for s, b in zip(solo, both):
+            assert (s.latents[0] - b.latents[r]).abs().max().item() <= 1e-5
 
 
 @pytest.mark.parametrize("prompt", ["", "   "])

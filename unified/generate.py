@@ -127,6 +127,22 @@ class ImageOutput:
     nfe: int
 
 
+def row_generators(seeds: list[int] | None, seed: int, rows: int, device, offset: int = 0
+                   ) -> list[torch.Generator]:
+    """One generator per row, seeded with seeds[r] + offset (default: every row the config's
+    seed), so a row's draws depend on its own seed only, never on its batch mates."""
+    seeds = [seed] * rows if seeds is None else list(seeds)
+    if len(seeds) != rows:
+        raise ValueError(f"{len(seeds)} seeds for {rows} rows")
+    return [torch.Generator(device=device).manual_seed(check_int("seed", s, 0, MAX_SEED) + offset)
+            for s in seeds]
+
+
+def row_randn(generators: list[torch.Generator], *shape: int, device) -> torch.Tensor:
+    """[len(generators), *shape] standard normal noise, row r drawn from generators[r]."""
+    return torch.stack([torch.randn(shape, device=device, generator=g) for g in generators])
+
+
 def sample_tokens(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
                   generator: torch.Generator | None) -> torch.Tensor:
     """Sample ids from logits [..., V] with temperature / top-k / top-p (0 temp = argmax)."""
@@ -376,9 +392,10 @@ class TextGenerator:
             values = rows.z_prompt.gather(1, idx[..., None].expand(b, self.bs, d))
         return text_pos, pinned, values
 
-    def _emit(self, rows: _Rows, logits, pinned, gen, token_gen, finished, budget):
+    def _emit(self, rows: _Rows, logits, pinned, gen, token_gens, finished, budget):
         """Tokens of one block per row: prompt ids where pinned, sampled elsewhere; cut at EOS."""
-        sampled = sample_tokens(logits, gen.temperature, gen.top_k, gen.top_p, token_gen)
+        sampled = torch.stack([sample_tokens(row, gen.temperature, gen.top_k, gen.top_p, g)
+                               for row, g in zip(logits, token_gens)])
         new_ids = []
         for i in range(len(rows.ids)):
             out = []
@@ -400,13 +417,14 @@ class TextGenerator:
 
     @torch.no_grad()
     def stream(self, prompts: list[str], gen: GenerationConfig | None = None,
-               use_cache: bool = True, conditions: list[list[Segment]] | None = None
-               ) -> Iterator[BlockOutput]:
+               use_cache: bool = True, conditions: list[list[Segment]] | None = None,
+               seeds: list[int] | None = None) -> Iterator[BlockOutput]:
         """Yield a BlockOutput after each generated block until every row hit EOS or budget.
 
         `conditions` (one list of placed Segments per prompt, e.g. an instruction and an
         image) come before the text; CFG then drops their droppable parts. Without them the
-        prompt's whole blocks are the condition CFG drops (text-to-text)."""
+        prompt's whole blocks are the condition CFG drops (text-to-text). `seeds`: one per row
+        (default: gen.seed for every row); a row's output depends on its own seed only."""
         gen = gen or GenerationConfig()
         if conditions is not None and len(conditions) != len(prompts):
             raise ValueError(f"{len(conditions)} condition rows for {len(prompts)} prompts")
@@ -418,8 +436,8 @@ class TextGenerator:
                        for r in range(len(prompts))]
         prior = open_session(self.prior, prefix_rows, self.bs, gen.guidance, use_cache)
         decoder = _TextDecoder(self.vae, rows.z_prompt, rows.n_full, self.bs, use_cache)
-        noise_gen = torch.Generator(device=dev).manual_seed(gen.seed)
-        token_gen = torch.Generator(device=dev).manual_seed(gen.seed + 1)
+        noise_gens = row_generators(seeds, gen.seed, len(prompts), dev)
+        token_gens = row_generators(seeds, gen.seed, len(prompts), dev, offset=1)
         finished = [False] * len(prompts)
         max_blocks = (gen.max_new_tokens + self.bs - 1) // self.bs + 1
         b = len(prompts)
@@ -427,7 +445,7 @@ class TextGenerator:
         for g in range(max_blocks):
             text_pos, pinned, values = self._block(rows, g)
             pos = (rows.offset[:, None] + text_pos)[..., None].expand(b, self.bs, 2)
-            eps = torch.randn(b, self.bs, d, device=dev, generator=noise_gen)
+            eps = row_randn(noise_gens, self.bs, d, device=dev)
 
             def velocity(z, t, pos=pos):
                 return self.model.prior_out(prior.velocity(self.model.prior_in(z), t, mod, pos), d)
@@ -435,7 +453,7 @@ class TextGenerator:
             z = integrate(velocity, eps, gen.sampler, pinned=pinned, pinned_value=values)
             prior.commit(self.model.prior_in(z), mod, pos)
             logits = decoder.decode(z, text_pos)  # [B, bs, V]
-            new_ids = self._emit(rows, logits, pinned, gen, token_gen, finished,
+            new_ids = self._emit(rows, logits, pinned, gen, token_gens, finished,
                                  gen.max_new_tokens)
             texts = [self.tok.decode(g_, skip_special_tokens=True) for g_ in rows.generated]
             yield BlockOutput(g, new_ids, texts, list(finished), prior.nfe, z)
@@ -443,10 +461,10 @@ class TextGenerator:
                 break
 
     def generate(self, prompts: list[str] | str, gen: GenerationConfig | None = None,
-                 use_cache: bool = True, conditions: list[list[Segment]] | None = None
-                 ) -> list[str] | str:
+                 use_cache: bool = True, conditions: list[list[Segment]] | None = None,
+                 seeds: list[int] | None = None) -> list[str] | str:
         single = isinstance(prompts, str)
-        *_, last = self.stream([prompts] if single else prompts, gen, use_cache, conditions)
+        *_, last = self.stream([prompts] if single else prompts, gen, use_cache, conditions, seeds)
         return last.texts[0] if single else last.texts
 
 
@@ -467,10 +485,12 @@ class ImageGenerator:
     @torch.no_grad()
     def generate(self, conditions: list[list[Segment]], gen: ImageGenerationConfig | None = None,
                  use_cache: bool = True, trajectory: int = 0,
-                 on_step: Callable[[int, int], None] | None = None) -> ImageOutput:
+                 on_step: Callable[[int, int], None] | None = None,
+                 seeds: list[int] | None = None) -> ImageOutput:
         """`trajectory` > 0 records that many evenly spaced data estimates z0_hat = z_t - t v
         along the way (decoded to images, for the demo's denoising strip); `on_step(i, steps)`
-        is called after every ODE step."""
+        is called after every ODE step. `seeds`: one per row (default: gen.seed for every
+        row); a row's noise depends on its own seed only."""
         gen = gen or ImageGenerationConfig()
         m = self.model
         dev = next(m.prior.parameters()).device
@@ -479,8 +499,7 @@ class ImageGenerator:
         prior = open_session(m.prior, conditions, m.block_size, gen.guidance, use_cache)
         pos = torch.stack([image_positions(grid, next_position(c)) for c in conditions])
         mod = torch.full((b, n), MODALITY_IMAGE, dtype=torch.long, device=dev)
-        noise_gen = torch.Generator(device=dev).manual_seed(gen.seed)
-        eps = torch.randn(b, n, d, device=dev, generator=noise_gen)
+        eps = row_randn(row_generators(seeds, gen.seed, b, dev), n, d, device=dev)
         steps = gen.sampler.steps
         keep = set() if trajectory <= 0 else {
             round(i * (steps - 1) / max(1, trajectory - 1)) for i in range(min(trajectory, steps))}

@@ -1,0 +1,1 @@
+"""Applications over a trained model: the OpenAI-compatible server (serve.py) and its helpers."""

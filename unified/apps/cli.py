@@ -10,6 +10,7 @@
     cola caption scene.png --question "how many objects are there?"
     cola imagine "a large red circle at the top left" -o out.png --trajectory strip.png
     cola demo                      # the Gradio demo on http://127.0.0.1:7860
+    cola serve                     # an OpenAI-compatible API on http://127.0.0.1:8000/v1
     cola eval text-vae --checkpoint demo/checkpoint
     cola latent-stats --vae runs/image-vae --data data/shapes/train
 """
@@ -221,7 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="storage precision of the weights (loading always computes in fp32)")
     s.set_defaults(fn=cmd_export)
 
-    add_parsers(sub)  # generate, caption, imagine, demo
+    add_parsers(sub)  # generate, caption, imagine, demo, serve
 
     s = sub.add_parser("latent-stats", help="per-channel latent statistics of an image VAE")
     s.add_argument("--vae", required=True, help="a diffusers AutoencoderKL folder")

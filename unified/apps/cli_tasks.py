@@ -5,6 +5,7 @@
                            [--candidates 8]
     cola imagine "a large red circle at the top left" -o out.png [--trajectory strip.png]
     cola demo [--checkpoint DIR] [--host 127.0.0.1] [--port 7860] [--share]
+    cola serve [--checkpoint DIR] [--host 127.0.0.1] [--port 8000] [--api-key KEY]
 
 All of them load the bundled checkpoint unless told otherwise and go through UnifiedPipeline,
 which validates every argument; a bad one is reported as one line (`cola CMD: error: ...`).
@@ -168,7 +169,7 @@ def _sampling_args(s: argparse.ArgumentParser, steps: int, guidance: float, text
 
 
 def add_parsers(sub) -> None:
-    """Register generate, caption, imagine and demo on the `cola` subparsers."""
+    """Register generate, caption, imagine, demo and serve on the `cola` subparsers."""
     from unified.generate import GenerationConfig, ImageGenerationConfig
 
     d, di = GenerationConfig(), ImageGenerationConfig()
@@ -211,3 +212,7 @@ def add_parsers(sub) -> None:
                         "unless COLA_THREADS is set)")
     s.add_argument("--max-queue", type=int, default=64, help="requests waiting at most")
     s.set_defaults(fn=cmd_demo)
+
+    from unified.apps.serve import add_parser as add_serve_parser
+
+    add_serve_parser(sub)  # cola serve: the OpenAI-compatible HTTP API

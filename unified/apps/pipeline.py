@@ -123,6 +123,17 @@ def check_prompt(prompt: str, what: str = "prompt", allow_empty: bool = False) -
     return prompt
 
 
+def row_seeds(seed: int | list[int], rows: int) -> tuple[int, list[int]]:
+    """`seed` (one for every row) or a list of one seed per row -> (the first, the list). A
+    row's output depends on its own prompt and seed only, never on the rest of the batch."""
+    seeds = list(seed) if isinstance(seed, (list, tuple)) else [seed] * rows
+    if len(seeds) != rows:
+        raise ValueError(f"{len(seeds)} seeds for {rows} prompts: give one seed, or one per prompt")
+    if not seeds:
+        raise ValueError("no prompts given")
+    return seeds[0], seeds
+
+
 class UnifiedPipeline(DiffusionPipeline):
     """Text-to-text, image-to-text and text-to-image with one Cola prior."""
 
@@ -170,18 +181,20 @@ class UnifiedPipeline(DiffusionPipeline):
                       steps: int = _TEXT.steps, guidance: float = _TEXT.guidance,
                       shift: float = _TEXT.shift,
                       temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
-                      seed: int = 0, method: str = "euler", stream: bool = False
+                      seed: int | list[int] = 0, method: str = "euler", stream: bool = False
                       ) -> TextResult | Iterator[BlockOutput]:
         """Continue a prompt (or a list of prompts) block by block; `stream=True` yields a
-        BlockOutput per block instead of the final TextResult."""
+        BlockOutput per block instead of the final TextResult. `seed`: one for every prompt,
+        or a list of one per prompt."""
         from tasks import text_to_text
 
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         prompts = [check_prompt(p) for p in prompts]
+        seed, seeds = row_seeds(seed, len(prompts))
         gen = GenerationConfig(max_new_tokens=max_new_tokens, steps=steps, guidance=guidance,
                                shift=shift, temperature=temperature, top_k=top_k, top_p=top_p,
                                seed=seed, method=method)
-        it = text_to_text.stream(self.model, prompts, gen)
+        it = text_to_text.stream(self.model, prompts, gen, seeds=seeds)
         return it if stream else _finish_text(it)
 
     def caption(self, image, *, question: str | None = None, prefix: str = "",
@@ -219,21 +232,23 @@ class UnifiedPipeline(DiffusionPipeline):
 
     def text_to_image(self, prompt: str | list[str], *, steps: int = _IMAGE.steps,
                       guidance: float = _IMAGE.guidance, shift: float = _IMAGE.shift,
-                      seed: int = 0, method: str = "euler",
+                      seed: int | list[int] = 0, method: str = "euler",
                       trajectory: int = 0, on_step=None) -> ImageResult:
-        """Draw an image for a prompt (or one per prompt of a list). `trajectory` > 0 also
-        returns that many intermediate decodes of the data estimate, noise to image."""
+        """Draw an image for a prompt (or one per prompt of a list; `seed`: one for every
+        prompt, or one per prompt). `trajectory` > 0 also returns that many intermediate
+        decodes of the data estimate, noise to image."""
         from tasks import text_to_image
 
         self._need_images()
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         prompts = [check_prompt(p) for p in prompts]
+        seed, seeds = row_seeds(seed, len(prompts))
         gen = ImageGenerationConfig(steps=steps, guidance=guidance, shift=shift, seed=seed,
                                     method=method)
         trajectory = check_int("trajectory", trajectory, 0, 1000)
         t0 = time.perf_counter()
         out = text_to_image.generate(self.model, prompts, gen, trajectory=trajectory,
-                                     on_step=on_step)
+                                     on_step=on_step, seeds=seeds)
         traj = [to_pil(step) for step in out.trajectory]  # [steps][B]
         per_image = [[step[b] for step in traj] for b in range(len(prompts))] if traj else []
         return ImageResult(to_pil(out.images), out.nfe, time.perf_counter() - t0, per_image,
