@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import shlex
-import sys
 import time
 
 import torch
@@ -143,6 +142,25 @@ def _held_out_batches(model, args) -> list[dict]:
                              multiple_of=model.vae.config.patch_size))
 
 
+def command(args) -> str:
+    """The command line that repeats this run, every setting spelled out."""
+    join = lambda xs: ",".join(f"{x:g}" for x in xs)  # noqa: E731
+    argv = ["cola", "eval", "diagnostics", "--checkpoint", str(args.checkpoint),
+            "--parts", ",".join(args.parts)]
+    if {"history", "geometry", "decoder"} & set(args.parts):
+        argv += ["--data", str(args.data), "--max-docs", str(args.max_docs)]
+        if "history" in args.parts:
+            argv += ["--posterior", args.posterior]
+    if {"prompts", "sweep"} & set(args.parts):
+        argv += [*(["--prompts", args.prompts] if args.prompts else []), "--seeds", str(args.seeds),
+                 "--new-tokens", str(args.new_tokens), "--steps", str(args.steps),
+                 "--text-guidance", f"{args.text_guidance:g}"]
+    if "sweep" in args.parts:
+        argv += ["--guidance-sweep", join(args.guidance_sweep), "--steps-sweep",
+                 join(args.steps_sweep)]
+    return shlex.join(argv)
+
+
 def run(args) -> str:
     """Run the chosen parts on `args.checkpoint`; print and return the markdown report."""
     from unified.baselines import load_model
@@ -159,9 +177,9 @@ def run(args) -> str:
     parts = [p for p in args.parts if cola or p == "prompts" or (p == "sweep" and mdlm)]
     skipped = [p for p in args.parts if p not in parts]
     out = [f"# Diagnostics of `{args.checkpoint}`", "",
-           f"`{shlex.join(['cola', *sys.argv[1:]])}` ({torch.get_num_threads()} threads, {device})"]
+           f"`{command(args)}` ({torch.get_num_threads()} threads, {device})"]
     if skipped:
-        out.append(f"\n{', '.join(skipped)}: not defined for a {model.kind} baseline, skipped.")
+        out.append(f"\n{', '.join(skipped)}: not defined for the {model.kind} baseline, skipped.")
 
     def section(title: str, fn) -> None:
         t0 = time.perf_counter()
