@@ -195,9 +195,15 @@ def run(args) -> str:
                 lambda: history_table(D.history_gain(model, batches, posterior=args.posterior)))
     base = dict(steps=args.steps, guidance=args.text_guidance, temperature=args.temperature)
 
+    done: dict[tuple, dict] = {}  # a setting met twice (base, sweeps) is generated once
+
     def sensitivity(**kw) -> dict:
-        fn = D.generator_fn(model, args.new_tokens, **{**base, **kw})
-        return D.prompt_sensitivity(fn, prompts, seeds)
+        setting = {**base, **kw}
+        key = tuple(sorted(setting.items()))
+        if key not in done:
+            fn = D.generator_fn(model, args.new_tokens, **setting)
+            done[key] = D.prompt_sensitivity(fn, prompts, seeds)
+        return done[key]
 
     if "prompts" in parts:
         def prompts_part() -> str:
