@@ -163,20 +163,24 @@ def test_bad_records_are_skipped_and_counted(tmp_path):
 # ----------------------------------------------------------------------------- models
 
 
-@pytest.fixture(scope="module")
-def tiny_ar(unified_tokenizer):
+def _tiny_baseline(kind, tokenizer):
     from unified.baselines import build_baseline
     from unified.config import load_preset
 
     torch.manual_seed(0)
-    cfg = load_preset("text-tiny", ['model.kind="ar"', "model.width=32", "model.depth=2",
+    cfg = load_preset("text-tiny", [f'model.kind="{kind}"', "model.width=32", "model.depth=2",
                                     "model.heads=2", "model.intermediate=64"])
-    return build_baseline(cfg, unified_tokenizer).eval()
+    return build_baseline(cfg, tokenizer).eval()
 
 
-def test_evaluation_scores_what_the_model_generates(tiny_unified, tiny_ar):
+@pytest.fixture(scope="module")
+def tiny_ar(unified_tokenizer):
+    return _tiny_baseline("ar", unified_tokenizer)
+
+
+def test_evaluation_scores_what_the_model_generates(tiny_unified, tiny_ar, unified_tokenizer):
     probs = [p for p in G.heldout_problems(16) if p.task == "addition"]
-    for model in (tiny_unified, tiny_ar):
+    for model in (tiny_unified, tiny_ar, _tiny_baseline("mdlm", unified_tokenizer)):
         dec = Decoding(steps=2, batch=3)
         report = evaluate_textworld(model, probs, dec)
         got = generate_answers(model, [p.prompt for p in probs], 8, dec)
