@@ -8,10 +8,10 @@ import torch
 from conftest import stdlib_shards
 
 from unified.apps import diagnostics as D
-from unified.cli import main
-from unified.corpus import iter_stdlib_docstrings
-from unified.data import pack_batches
-from unified.evaluate import evaluate_text_vae
+from unified.apps.cli import main
+from unified.data.corpus import iter_stdlib_docstrings
+from unified.data.streams import pack_batches
+from tasks.text_to_text import evaluate_text_vae
 
 
 @pytest.fixture(scope="module")
@@ -149,7 +149,7 @@ def test_latent_geometry_against_a_brute_force_count(tiny_unified, batches):
 
 def test_decoder_robustness_matches_the_vae_evaluation(tiny_unified, tmp_path):
     shards = stdlib_shards(tmp_path, 12)
-    from unified.data import text_samples
+    from unified.data.streams import text_samples
 
     texts = list(text_samples(shards))
     batches = list(pack_batches(texts, tiny_unified.tokenizer, seq_len=64, batch_size=8,

@@ -16,9 +16,9 @@ from tasks.textworld.evaluate import (
     problems_for_eval,
 )
 from tasks.textworld.scorer import UnsolvablePrompt, extract_answer, score, solve
-from unified.cli import main
-from unified.data import text_samples
-from unified.shards import write_shards
+from unified.apps.cli import main
+from unified.data.streams import text_samples
+from unified.data.shards import write_shards
 
 N = 400  # problems per check (100 per task)
 
@@ -101,7 +101,7 @@ def test_evaluation_seeds_never_overlap_training_seeds(tmp_path):
     assert counts["train_samples"] == 60 and counts["heldout_samples"] == 20
 
     def metas(split):
-        from unified.data import SkipCounter, raw_samples
+        from unified.data.streams import SkipCounter, raw_samples
 
         return [json.loads(s["json"]) for s in raw_samples(str(tmp_path / "w" / split),
                                                             handler=SkipCounter())]
@@ -143,7 +143,7 @@ def test_shards_round_trip_through_the_cli(tmp_path, capsys):
 
 
 def test_bad_records_are_skipped_and_counted(tmp_path):
-    from unified.data import SkipCounter
+    from unified.data.streams import SkipCounter
 
     good = G.problem_at(0, 1)
     write_shards([{"__key__": "a", "txt": "x", "json": b"{not json"},

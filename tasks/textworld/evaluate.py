@@ -36,8 +36,8 @@ class Decoding:
 
 def load_problems(data: str | Path, n: int, skips=None) -> list[Problem]:
     """The first n problems of text-world shards (their KEY.json); a bad record is skipped,
-    logged and counted in `skips` (a unified.data.SkipCounter)."""
-    from unified.data import SkipCounter, raw_samples
+    logged and counted in `skips` (a unified.data.streams.SkipCounter)."""
+    from unified.data.streams import SkipCounter, raw_samples
 
     skips = skips if skips is not None else SkipCounter("text-world shards")
     out = []

@@ -233,7 +233,7 @@ def make_textworld_shards(out_dir: str | Path, n_train: int, n_heldout: int, see
     (counted in ``heldout_seen_in_train``), so every held-out prompt is new."""
     import json
 
-    from unified.shards import write_shards
+    from unified.data.shards import write_shards
 
     if not 0 <= seed < EVAL_SEED_BASE:
         raise ValueError(f"training seed must be in [0, {EVAL_SEED_BASE}), got {seed}")

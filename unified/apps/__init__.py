@@ -1,2 +1,2 @@
 """Applications on top of the unified model: evaluation commands that may use tasks/ (the
-composition root unified/cli.py wires them into `cola`)."""
+composition root unified/apps/cli.py wires them into `cola`)."""

@@ -131,8 +131,8 @@ def decoder_table(r: dict) -> str:
 
 
 def _held_out_batches(model, args) -> list[dict]:
-    from unified.data import pack_batches
-    from unified.evaluate import heldout_texts
+    from unified.data.streams import pack_batches
+    from tasks.text_to_text import heldout_texts
 
     texts = heldout_texts(args.data, args.max_docs)
     if not texts:

@@ -34,7 +34,7 @@ def run(args) -> dict:
     """Score a Cola or baseline checkpoint on held-out text-world problems; print per task."""
     from tasks.textworld.evaluate import Decoding, evaluate_textworld, problems_for_eval
     from unified.baselines import load_model
-    from unified.data import SkipCounter
+    from unified.data.streams import SkipCounter
 
     if args.n < 1:
         raise ValueError(f"-n must be >= 1, got {args.n}")
