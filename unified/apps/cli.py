@@ -3,6 +3,7 @@
     cola make-shards text --default-corpus --output data/stdlib
     cola make-shards text notes.txt more.jsonl --output data/mine
     cola make-shards shapes --n-train 20000 --n-heldout 500 --output data/shapes
+    cola make-shards textworld --n-train 20000 --n-heldout 500 --output data/textworld
     cola train --preset text-default --stage 1 --out runs/s1
     cola train --preset text-default --stage 2 --init runs/s1/final --out runs/s2
     cola export runs/s2/final demo/checkpoint
@@ -12,6 +13,8 @@
     cola demo                      # the Gradio demo on http://127.0.0.1:7860
     cola serve                     # an OpenAI-compatible API on http://127.0.0.1:8000/v1
     cola eval text-vae --checkpoint demo/checkpoint
+    cola eval diagnostics --checkpoint demo/checkpoint --markdown diagnostics.md
+    cola eval textworld --checkpoint runs/s2/final -n 400
     cola latent-stats --vae runs/image-vae --data data/shapes/train
 """
 
@@ -63,6 +66,11 @@ def cmd_make_shards(args) -> None:
                                     difficulty=args.difficulty, seed=args.seed,
                                     max_per_shard=args.max_per_shard)
         print(f"wrote the shapes world to {args.output}: {counts}")
+        return
+    if args.kind == "textworld":
+        from unified.apps.textworld import make_shards
+
+        make_shards(args)
         return
     if args.default_corpus:
         counts = make_default_corpus_shards(args.output, max_per_shard=args.max_per_shard)
@@ -120,6 +128,13 @@ def _load(checkpoint: str):
 
 
 def cmd_eval(args) -> None:
+    if args.what in ("diagnostics", "textworld"):  # Cola or baseline folders
+        if args.what == "diagnostics":
+            from unified.apps.diagnostics_report import run
+        else:
+            from unified.apps.textworld import run
+        run(args)
+        return
     model = _load(args.checkpoint)
     report = {}
     if args.what in ("text-vae", "all"):
@@ -189,16 +204,18 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("make-shards", help="write webdataset shards")
-    s.add_argument("kind", choices=["text", "shapes"])
+    s.add_argument("kind", choices=["text", "shapes", "textworld"])
     s.add_argument("inputs", nargs="*", help=".txt / .jsonl files or folders")
     s.add_argument("--default-corpus", action="store_true",
                    help="the English prose of the Python standard library's docstrings")
     s.add_argument("--output", required=True)
     s.add_argument("--prefix", default="text")
-    s.add_argument("--n-train", type=int, default=20000, help="shapes: training scenes")
-    s.add_argument("--n-heldout", type=int, default=500, help="shapes: held-out scenes")
+    s.add_argument("--n-train", type=int, default=20000,
+                   help="shapes / textworld: training scenes / problems")
+    s.add_argument("--n-heldout", type=int, default=500,
+                   help="shapes / textworld: held-out scenes / problems")
     s.add_argument("--difficulty", type=int, default=1, help="shapes: up to this many objects")
-    s.add_argument("--seed", type=int, default=0, help="shapes: training stream seed")
+    s.add_argument("--seed", type=int, default=0, help="shapes / textworld: training stream seed")
     s.add_argument("--max-per-shard", type=int, default=2000)
     s.set_defaults(fn=cmd_make_shards)
 
@@ -233,16 +250,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_latent_stats)
 
     s = sub.add_parser("eval", help="measure a model")
-    s.add_argument("what", choices=["text-vae", "shapes", "all"])
+    s.add_argument("what", choices=["text-vae", "shapes", "all", "diagnostics", "textworld"],
+                   help="all = text-vae + shapes")
     s.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT))
     s.add_argument("--data", default="data/stdlib/heldout",
                    help="held-out prose shards (cola make-shards text --default-corpus)")
     s.add_argument("--max-docs", type=int, default=500)
     s.add_argument("--shapes-data", default="data/shapes/heldout",
                    help="held-out shapes shards (cola make-shards shapes)")
-    s.add_argument("-n", type=int, default=500, help="shapes: scenes to evaluate")
+    s.add_argument("-n", type=int, default=500, help="shapes / textworld: scenes / problems")
     s.add_argument("--steps", type=int, default=GenerationConfig.steps,
-                   help="shapes: ODE steps per caption block")
+                   help="ODE steps per text block (shapes captions, textworld, diagnostics)")
     s.add_argument("--image-steps", type=int, default=ImageGenerationConfig.steps,
                    help="shapes: ODE steps per image")
     s.add_argument("--rerank", type=int, default=8, metavar="K",
@@ -252,6 +270,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="shapes: also answer every question about the first N scenes (0: none)")
     s.add_argument("--text-guidance", type=float, default=GenerationConfig.guidance)
     s.add_argument("--image-guidance", type=float, default=ImageGenerationConfig.guidance)
+    from unified.apps import diagnostics_report, textworld
+
+    diagnostics_report.add_arguments(s)
+    textworld.add_arguments(s)
     s.set_defaults(fn=cmd_eval)
     return p
 
