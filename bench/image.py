@@ -26,7 +26,6 @@ from tasks import text_to_image
 from unified.apps.cli import DEFAULT_CHECKPOINT
 from unified.config import load_preset
 from unified.generate import ImageGenerationConfig
-from unified.layout import TimeConfig
 from unified.model import ColaModel, build_image_vae, build_prior, build_vae
 from vaes import image_vae as iv
 from vaes.tokenizer import load_tokenizer
@@ -47,7 +46,7 @@ def random_unified(preset: str = "shapes-default") -> ColaModel:
     iv.set_latent_stats(image_vae, torch.zeros(cfg.image.latent_channels),
                         torch.ones(cfg.image.latent_channels))
     model = ColaModel(vae, None, tok, cfg.layout, image_vae, cfg.image.patch_size,
-                      TimeConfig(cfg.image.time_loc, cfg.image.time_scale), cfg.image.size)
+                      cfg.image.time, cfg.image.size)
     model.prior = build_prior(cfg, cfg.vae.latent_dim, model.image_token_dim)
     with torch.no_grad():
         for p in model.prior.parameters():

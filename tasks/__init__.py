@@ -57,7 +57,8 @@ class TaskMixture:
                                           resample=True, shuffle_buffer=cfg.data.shuffle_buffer,
                                           skips=skips, same_on_all_ranks=True))
         ctx = SampleContext(tokenizer, random.Random(seed + 1), cfg.tasks,
-                            max_len or cfg.data.seq_len, cfg.layout.block_size)
+                            max_len or cfg.data.seq_len, cfg.layout.block_size,
+                            cfg.layout.cond_drop_prob)
 
         def task_stream(task):  # every task pulls the next record from the one reader
             for rec in records:

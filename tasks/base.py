@@ -22,13 +22,15 @@ from unified.model import ColaModel
 @dataclass
 class SampleContext:
     """What a task needs to turn records into samples: the tokenizer, the mixture's random
-    stream, the task settings, the longest text piece and the prior's text block size."""
+    stream, the task settings, the longest text piece, the prior's text block size and the
+    CFG condition-drop probability (layout.cond_drop_prob)."""
 
     tokenizer: object
     rng: random.Random
     cfg: TasksConfig
     max_len: int
     block_size: int
+    cond_drop_prob: float
 
 
 class Task(Protocol):

@@ -50,7 +50,7 @@ class ImageToText:
         if n_real > 2 and rng.random() < cfg.caption_prefix_prob:
             prompt = rng.randrange(1, n_real - 1)
         return TaskSample(NAME, [encode_piece(tok, instruction, ctx.max_len), ids],
-                          [record["image"]], recipe(prompt), cfg.cond_drop_prob)
+                          [record["image"]], recipe(prompt), ctx.cond_drop_prob)
 
 
 def _conditions(model: ColaModel, images: torch.Tensor, questions: list[str | None]):

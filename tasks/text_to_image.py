@@ -23,7 +23,7 @@ class TextToImage:
 
     def training_sample(self, record: dict, ctx: SampleContext) -> TaskSample:
         return TaskSample(NAME, [encode_piece(ctx.tokenizer, record["caption"], ctx.max_len)],
-                          [record["image"]], RECIPE, ctx.cfg.cond_drop_prob)
+                          [record["image"]], RECIPE, ctx.cond_drop_prob)
 
 
 def generate(model: ColaModel, prompts: list[str], gen: ImageGenerationConfig | None = None, *,

@@ -1,19 +1,24 @@
 """Dataclass configs and named presets (configs/*.toml).
 
 A preset is a TOML file whose tables mirror `ColaConfig`'s fields; anything left out keeps the
-dataclass default. Command-line overrides use dotted keys: `--set optim.lr=3e-4`.
+dataclass default, and `base = "NAME"` inherits another preset, so a preset states only what
+differs. Command-line overrides use dotted keys: `--set optim.lr=3e-4`. Every value is checked
+against its field's type at load (enumerations are `Literal`s), with a message naming the key.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
+import math
 import tomllib
+import types
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
-from unified.layout import TextLayoutConfig
+from unified.layout import TextLayoutConfig, TimeConfig
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
@@ -23,6 +28,7 @@ CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 # about a tenth of a generation step (bench/generation.py). Models saved with "gelu_tanh" keep
 # it: the activation is in their config.json.
 ACT = "gelu"
+Activation = Literal["gelu", "gelu_tanh"]
 
 
 @dataclass
@@ -35,7 +41,7 @@ class VAEConfig:
     dec_layers: int = 2
     heads: int = 4
     mlp_ratio: float = 4.0
-    act: str = ACT  # MLP activation: "gelu" (exact) or "gelu_tanh" (DiT's approximation)
+    act: Activation = ACT  # MLP activation: "gelu" (exact) or "gelu_tanh" (DiT's approximation)
 
 
 @dataclass
@@ -44,8 +50,8 @@ class PriorConfig:
     depth: int = 6
     heads: int = 4
     mlp_ratio: float = 4.0
-    attn_backend: str = "auto"
-    act: str = ACT  # MLP activation: "gelu" (exact) or "gelu_tanh" (DiT's approximation)
+    attn_backend: Literal["auto", "xformers", "sdpa", "reference"] = "auto"
+    act: Activation = ACT  # MLP activation: "gelu" (exact) or "gelu_tanh" (DiT's approximation)
 
 
 @dataclass
@@ -55,7 +61,7 @@ class ModelConfig:
     causal transformer LM) or "mdlm" (a masked discrete diffusion LM). The sizes below are
     the baselines' (Cola's are [vae] and [prior])."""
 
-    kind: str = "cola"
+    kind: Literal["cola", "ar", "mdlm"] = "cola"
     width: int = 256
     depth: int = 11
     heads: int = 4
@@ -86,8 +92,7 @@ class ImageConfig:
     latent_channels: int = 4
     widths: tuple[int, ...] = (32, 64, 64)  # 2^(len - 1) downsampling
     patch_size: int = 2  # latent patch -> one prior token of latent_channels * p * p values
-    time_loc: float = 0.0  # logit-normal training time of image tokens (loc, scale)
-    time_scale: float = 1.0
+    time: TimeConfig = TimeConfig(loc=0.0, scale=1.0)  # logit-normal training time of image tokens
     lr_mult: float = 1.0  # stage 1: image VAE learning rate multiplier
 
 
@@ -97,7 +102,6 @@ class TasksConfig:
 
     ratios: dict[str, float] = field(default_factory=lambda: {"image_to_text": 0.5,
                                                                 "text_to_image": 0.5})
-    cond_drop_prob: float = 0.1  # CFG: drop the condition (image / caption) of a sample
     question_prob: float = 0.0  # image-to-text: share of samples that ask a question (VQA)
     caption_prefix_prob: float = 0.2  # image-to-text: share that give a random caption prefix
 
@@ -135,11 +139,11 @@ class TrainConfig:
     ckpt_every: int = 250
     keep: int = 2  # checkpoints kept
     seed: int = 0
-    precision: str = "bf16"  # "bf16" autocast or "fp32"
+    precision: Literal["bf16", "fp32"] = "bf16"  # bf16 autocast or fp32 (never fp16 on CPU)
     device: str = "auto"
     max_bad_steps: int = 20  # consecutive non-finite losses before the run stops
     ema_decay: float = 0.0  # stage 2: EMA of the prior (0 = off); the export uses the EMA
-    parallel: str = "ddp"  # under torchrun: "ddp" (replicated) or "fsdp" (FSDP2, sharded)
+    parallel: Literal["ddp", "fsdp"] = "ddp"  # under torchrun: "ddp" (replicated) or "fsdp" (FSDP2, sharded)
     # stage 2: torch.compile the prior's blocks (DiT.compile_blocks: the element-wise chains
     # around attention and the matmuls fused); the first steps pay the compilation
     compile: bool = False
@@ -171,29 +175,122 @@ class ColaConfig:
         return json.dumps(self.to_dict(), indent=2)
 
 
-def _build(cls, values: dict[str, Any]):
-    """Instantiate a (nested) dataclass from a dict, rejecting unknown keys clearly."""
-    known = {f.name: f for f in dataclasses.fields(cls)}
+class ConfigError(ValueError):
+    """A preset or override that does not fit the config: the message names the key."""
+
+
+_LEGACY = {  # old key -> its one home now (presets written before the move still load)
+    ("layout", "time_loc"): ("layout", "time", "loc"),
+    ("layout", "time_scale"): ("layout", "time", "scale"),
+    ("image", "time_loc"): ("image", "time", "loc"),
+    ("image", "time_scale"): ("image", "time", "scale"),
+    ("tasks", "cond_drop_prob"): ("layout", "cond_drop_prob"),
+}
+
+
+def _migrate(values: dict[str, Any]) -> dict[str, Any]:
+    values = copy.deepcopy(values)
+    for (section, key), new in _LEGACY.items():
+        node = values.get(section)
+        if isinstance(node, dict) and key in node:
+            val = node.pop(key)
+            dst = values
+            for part in new[:-1]:
+                dst = dst.setdefault(part, {})
+            dst.setdefault(new[-1], val)
+    return values
+
+
+def _describe(tp) -> str:
+    if get_origin(tp) is Literal:
+        return "one of " + ", ".join(repr(a) for a in get_args(tp))
+    names = {bool: "true or false", int: "an integer", float: "a number", str: "a string",
+             type(None): "nothing (null)"}
+    if tp in names:
+        return names[tp]
+    if get_origin(tp) in (Union, types.UnionType):
+        return " or ".join(_describe(a) for a in get_args(tp))
+    if get_origin(tp) is tuple:
+        return "a list"
+    if get_origin(tp) is dict:
+        return "a table of name = number"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp, key: str) -> Any:
+    """`value` checked against the field type `tp` (and converted where lossless: an integer
+    for a float, a list for a tuple); ConfigError naming `key` otherwise."""
+    origin = get_origin(tp)
+
+    def fail():
+        raise ConfigError(f"config key {key}: expected {_describe(tp)}, got {value!r}")
+
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key {key} is a section (set {key}.<field>=...), got the "
+                              f"value {value!r}")
+        return _build(tp, value, key)
+    if origin is Literal:
+        if isinstance(value, bool) or value not in get_args(tp):
+            fail()
+        return value
+    if origin in (Union, types.UnionType):
+        for arg in get_args(tp):
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError:
+                continue
+        fail()
+    if tp is type(None):
+        return value if value is None else fail()
+    if tp is bool:
+        return value if isinstance(value, bool) else fail()
+    if tp is int:
+        return value if isinstance(value, int) and not isinstance(value, bool) else fail()
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) \
+                or not math.isfinite(value):
+            fail()
+        return float(value)
+    if tp is str:
+        return value if isinstance(value, str) else fail()
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            fail()
+        args = get_args(tp)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise ConfigError(f"config key {key}: expected {len(args)} values, got {value!r}")
+        return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if origin is dict:
+        if not isinstance(value, dict):
+            fail()
+        kt, vt = get_args(tp)
+        return {_coerce(k, kt, key): _coerce(v, vt, f"{key}.{k}") for k, v in value.items()}
+    return value
+
+
+def _build(cls, values: dict[str, Any], prefix: str = ""):
+    """Instantiate a (nested) dataclass from a dict: unknown keys refused, every value
+    type- and enum-checked against its field's annotation, with a message naming the key."""
+    hints = get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
     kwargs = {}
     for key, val in values.items():
+        name = f"{prefix}.{key}" if prefix else key
         if key not in known:
-            raise ValueError(f"unknown config key {key!r} for {cls.__name__}; "
-                             f"known: {sorted(known)}")
-        default = getattr(cls(), key) if key in known else None
-        if dataclasses.is_dataclass(default):
-            if not isinstance(val, dict):
-                raise ValueError(f"config key {key!r} is a section (set {key}.<field>=...), "
-                                 f"got the value {val!r}")
-            kwargs[key] = _build(type(default), val)
-        elif isinstance(default, tuple):
-            kwargs[key] = tuple(val)
-        else:
-            kwargs[key] = val
-    return cls(**kwargs)
+            raise ConfigError(f"unknown config key {name!r}; known in this section: "
+                              f"{', '.join(sorted(known))}")
+        kwargs[key] = _coerce(val, hints[key], name)
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as e:  # a dataclass's own check (__post_init__)
+        raise ConfigError(f"config section {prefix or cls.__name__}: {e}") from None
 
 
 def from_dict(values: dict[str, Any]) -> ColaConfig:
-    return _build(ColaConfig, values)
+    return _build(ColaConfig, _migrate(values))
 
 
 def _parse_value(text: str) -> Any:
@@ -206,30 +303,65 @@ def _parse_value(text: str) -> Any:
 def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     for item in overrides:
         if "=" not in item:
-            raise ValueError(f"override {item!r} must look like section.key=value")
+            raise ConfigError(f"override {item!r} must look like section.key=value")
         key, raw = item.split("=", 1)
         node = values
         *parents, leaf = key.strip().split(".")
         for p in parents:
             node = node.setdefault(p, {})
             if not isinstance(node, dict):
-                raise ValueError(f"override {item!r}: {p!r} is a value, not a section")
+                raise ConfigError(f"override {item!r}: {p!r} is a value, not a section")
         node[leaf] = _parse_value(raw.strip())
     return values
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """`over` on top of `base`, section by section (tables merge, values replace)."""
+    out = dict(base)
+    for key, val in over.items():
+        out[key] = _merge(out[key], val) if isinstance(val, dict) and isinstance(
+            out.get(key), dict) else val
+    return out
 
 
 def preset_names() -> list[str]:
     return sorted(p.stem for p in CONFIG_DIR.glob("*.toml"))
 
 
-def load_preset(name: str, overrides: list[str] | None = None) -> ColaConfig:
-    """A named preset from configs/ (or a path to a .toml/.json file) plus overrides."""
+def _preset_path(name: str) -> Path:
     path = Path(name)
     if not path.suffix:
         path = CONFIG_DIR / f"{name}.toml"
-    if not path.exists():
+    if not path.is_file():
         raise FileNotFoundError(f"no preset {name!r}; available: {', '.join(preset_names())}")
-    text = path.read_text()
-    values = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
-    values.setdefault("name", path.stem)
+    return path
+
+
+def preset_values(name: str, _seen: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The raw values of a preset with its `base` chain resolved (a preset names the preset
+    it inherits from with `base = "NAME"` and states only what differs from it)."""
+    path = _preset_path(name)
+    if str(path) in _seen:
+        raise ConfigError(f"presets inherit in a circle: {' -> '.join((*_seen, str(path)))}")
+    try:
+        text = path.read_text()
+        values = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{path}: not a valid {path.suffix[1:].upper()} file ({e})") from None
+    base = values.pop("base", None)
+    values = _migrate(values)
+    if base is not None:
+        if not isinstance(base, str):
+            raise ConfigError(f"{path}: base must be a preset name, got {base!r}")
+        parent = preset_values(base, (*_seen, str(path)))
+        parent.pop("name", None)  # a preset is named after itself, not its base
+        values = _merge(parent, values)
+    return values
+
+
+def load_preset(name: str, overrides: list[str] | None = None) -> ColaConfig:
+    """A named preset from configs/ (or a path to a .toml/.json file), its base chain, plus
+    overrides; every value checked (ConfigError names the key)."""
+    values = preset_values(name)
+    values.setdefault("name", _preset_path(name).stem)
     return from_dict(apply_overrides(values, overrides or []))

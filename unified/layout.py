@@ -76,12 +76,23 @@ def sample_lengths(sample_ids: torch.Tensor) -> torch.Tensor:
 
 
 @dataclass(frozen=True)
+class TimeConfig:
+    """Per-modality logit-normal training time (loc is the paper's timeshift)."""
+
+    loc: float = 1.0
+    scale: float = 1.0
+
+
+@dataclass(frozen=True)
 class TextLayoutConfig:
+    """How text is laid out and noised in training; `cond_drop_prob` is every task's CFG
+    condition drop (the prompt blocks C of prose, the image of a caption, the caption of an
+    image), so that the unconditional branch is learned."""
+
     block_size: int = 16
-    time_loc: float = 1.0  # logit-normal loc ("timeshift"; ~1.0 suits latent dim 16)
-    time_scale: float = 1.0
+    time: TimeConfig = TimeConfig(loc=1.0, scale=1.0)  # loc: the paper's timeshift (~1.0 at d=16)
     uncond_prompt_prob: float = 0.3  # share of samples whose condition is only [bos]
-    cond_drop_prob: float = 0.1  # CFG: drop C so the unconditional branch is learned
+    cond_drop_prob: float = 0.1
 
 
 def text_to_text_layout(
@@ -114,7 +125,7 @@ def text_to_text_layout(
 
     # one t per (sample, block) for text (DESIGN §3), pinned tokens at t = 0
     n_blocks = int(block.max()) + 1 if n else 1
-    t_table = sample_logit_normal((b, n, n_blocks), cfg.time_loc, cfg.time_scale, device=dev,
+    t_table = sample_logit_normal((b, n, n_blocks), cfg.time.loc, cfg.time.scale, device=dev,
                                   generator=generator)
     t_tok = per_sample_table(sample_ids, t_table)  # [B, L, n_blocks]
     t_tok = t_tok.gather(2, block[..., None]).squeeze(-1).masked_fill(pinned, 0.0)  # [B, L]
@@ -175,14 +186,6 @@ class Segment:
     droppable: bool = False
     prompt: int = 0
     prompt_droppable: bool = False
-
-
-@dataclass(frozen=True)
-class TimeConfig:
-    """Per-modality logit-normal training time (loc is the paper's timeshift)."""
-
-    loc: float = 1.0
-    scale: float = 1.0
 
 
 def text_positions(start: int, n: int) -> torch.Tensor:

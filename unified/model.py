@@ -108,8 +108,7 @@ class ColaModel(nn.Module):
 
     @property
     def times(self) -> dict[int, TimeConfig]:
-        lc = self.layout_cfg
-        return {MODALITY_TEXT: TimeConfig(lc.time_loc, lc.time_scale), MODALITY_IMAGE: self.image_time}
+        return {MODALITY_TEXT: self.layout_cfg.time, MODALITY_IMAGE: self.image_time}
 
     @property
     def image_vae_trainable(self) -> bool:

@@ -41,7 +41,6 @@ from unified.data.streams import (
     text_batches,
     to_device,
 )
-from unified.layout import TimeConfig
 from unified.model import ColaModel, build_image_vae, build_prior, build_vae
 from unified.training import distributed as dist_utils
 from unified.training.checkpoint import (
@@ -264,7 +263,7 @@ class Trainer:
         im = self.cfg.image
         model.layout_cfg = self.cfg.layout
         model.image_patch_size, model.image_size = im.patch_size, im.size
-        model.image_time = TimeConfig(im.time_loc, im.time_scale)
+        model.image_time = im.time
         if model.image_vae is not None and (self.stage == 2 or im.pretrained):
             model.image_vae.requires_grad_(False)
         return model
