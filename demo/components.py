@@ -17,6 +17,10 @@ import numbers
 from typing import Any
 
 import gradio as gr
+from PIL import Image
+
+from demo.files import confined_path, input_folders
+from unified.apps.inputs import image_from_data_url
 
 
 def user_error(message: str) -> gr.Error:
@@ -67,19 +71,27 @@ class WholeNumber(gr.Number):
 
 
 class ImageUpload(gr.Image):
-    """An image input that passes a file path on and turns an unreadable upload into a
-    readable error (the pixels are decoded, and their size checked, by the pipeline). Build it
-    with type="filepath", image_mode=None: the header is read, nothing is decoded. (No
-    __init__ of its own: Gradio reads a component's properties from its __init__ signature.)"""
+    """An image input that passes a file path (or the image of a data: URL) on, refusing with
+    a readable error:
+    - a path outside the upload folder and the example folder (demo/files.py: a payload sent
+      without Gradio's `meta` field is not checked by Gradio), with one message that does not
+      tell whether the path exists;
+    - a `data:` URL image too large to decode (its size is read from the header first;
+      Gradio's own preprocessing would decode it whole).
+    An uploaded file's pixels are decoded, and their size checked first, by the pipeline.
+    Build it with type="filepath", image_mode=None. (No __init__ of its own: Gradio reads a
+    component's properties from its __init__ signature.)"""
 
     def get_block_name(self) -> str:
         return "image"
 
-    def preprocess(self, payload: Any) -> str | None:
+    def preprocess(self, payload: Any) -> str | Image.Image | None:
+        if payload is None:
+            return None
+        url = getattr(payload, "url", None) or ""
         try:
-            return super().preprocess(payload)
-        except gr.Error:
-            raise
-        except Exception as e:  # noqa: BLE001 - whatever the decoder says, it is the upload
-            name = getattr(payload, "orig_name", None) or "the upload"
-            raise user_error(f"not a readable image: {name} ({type(e).__name__})") from None
+            if url.startswith("data:"):
+                return image_from_data_url(url)
+            return confined_path(getattr(payload, "path", None), input_folders())
+        except ValueError as e:
+            raise user_error(str(e)) from None
