@@ -57,6 +57,7 @@ from unified.model import ColaModel, build_image_vae, build_prior, build_vae
 from vaes import image_vae as iv
 from vaes.text_vae import TextVAE
 from vaes.tokenizer import load_tokenizer, train_tokenizer
+from vaes.weights import load_part
 
 log = logging.getLogger("cola.train")
 
@@ -144,7 +145,7 @@ class Trainer:
 
             self.ema = ModelEmaV3(self.model.prior, decay=self.tcfg.ema_decay, use_warmup=True)
             if ckpt is not None:
-                ema = DiT.from_pretrained(ckpt / "ema_prior", low_cpu_mem_usage=False)
+                ema = load_part(DiT, ckpt / "ema_prior")
                 self.ema.module.load_state_dict(ema.state_dict())
         if self.tcfg.compile:
             if self.stage != 2 or self.fsdp:
@@ -227,7 +228,7 @@ class Trainer:
                 model = ColaModel.from_pretrained(ckpt / "model")
             self._configure(model)
             if self.stage == 2:
-                ref = TextVAE.from_pretrained(ckpt / "ref_vae", low_cpu_mem_usage=False)
+                ref = load_part(TextVAE, ckpt / "ref_vae")
                 model.ref_vae = ref.requires_grad_(False).eval()
             return model
         tok = self._tokenizer(init)
