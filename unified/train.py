@@ -37,8 +37,10 @@ from unified import distributed as dist_utils
 from unified.checkpoint import (
     begin_checkpoint,
     checkpoint_dirs,
+    damage,
     finish_checkpoint,
     latest_checkpoint,
+    latest_valid_checkpoint,
     load_trainer_files,
     optimizer_from_flat,
     save_checkpoint,
@@ -180,15 +182,19 @@ class Trainer:
 
     # ----------------------------------------------------------------- construction
     def _find_resume(self, resume) -> Path | None:
-        """'auto' (or True): the newest complete checkpoint of this run, if any; 'none' (or
-        False): start over; a path: that checkpoint."""
+        """'auto' (or True): the newest undamaged checkpoint of this run, if any (a damaged
+        newer one is logged and skipped); 'none' (or False): start over; a path: that
+        checkpoint, which must be undamaged."""
         if resume in (True, "auto"):
-            return latest_checkpoint(self.out)
+            return latest_valid_checkpoint(self.out)
         if resume in (False, "none", None):
             return None
         path = Path(resume)
         if not (path / "trainer.json").is_file():
             raise FileNotFoundError(f"{path} is not a complete checkpoint (no trainer.json)")
+        why = damage(path)
+        if why is not None:
+            raise ValueError(f"checkpoint {path} is damaged: {why}")
         return path
 
     def _tokenizer(self, init):
