@@ -6,8 +6,9 @@
     cola imagine "a large red circle at the top left" -o out.png [--trajectory strip.png]
     cola demo [--checkpoint DIR] [--host 127.0.0.1] [--port 7860] [--share]
 
-All of them load the bundled checkpoint unless told otherwise and go through UnifiedPipeline,
-which validates every argument; a bad one is reported as one line (`cola CMD: error: ...`).
+All of them load the bundled checkpoint unless told otherwise and go through UnifiedPipeline.
+Every argument is checked by unified/apps/inputs.py (the pipeline's and the demo's checks)
+before the model loads; a bad one is reported as one line (`cola CMD: error: ...`).
 """
 
 from __future__ import annotations
@@ -42,16 +43,16 @@ def _sampling(args) -> dict:
 
 def _check_text_args(args, **extra) -> None:
     """Validate the knobs of a text task before the model loads (fail fast, same messages)."""
-    from unified.generate import GenerationConfig
+    from unified.apps import inputs
 
-    GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                     **_sampling(args), **extra)
+    inputs.knobs(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                 **_sampling(args), **extra)
 
 
 def cmd_generate(args) -> None:
-    from unified.pipeline import check_prompt
+    from unified.apps import inputs
 
-    check_prompt(args.prompt)
+    inputs.text("prompt", args.prompt)
     _check_text_args(args, top_k=args.top_k, top_p=args.top_p)
     pipe = _pipeline(args.checkpoint)
     print(args.prompt, end="", flush=True)
@@ -66,15 +67,13 @@ def cmd_generate(args) -> None:
 
 
 def cmd_caption(args) -> None:
-    from unified.pipeline import check_prompt, open_image
+    from unified.apps import inputs
 
-    image = open_image(args.image)  # a missing or unreadable file fails before the model loads
-    check_prompt(args.question or "", "question", allow_empty=True)
-    check_prompt(args.prefix, "caption prefix", allow_empty=True)
+    image = inputs.open_image(args.image)  # a missing or bad file fails before the model loads
+    inputs.text("question", args.question or "", allow_empty=True)
+    inputs.text("caption prefix", args.prefix, allow_empty=True)
     _check_text_args(args)
-    from prior.flow import check_int
-
-    check_int("candidates", args.candidates, 1, 64)
+    inputs.whole("--candidates", args.candidates, 1, 64)
     pipe = _pipeline(args.checkpoint)
     out = pipe.caption(image, question=args.question, prefix=args.prefix,
                        max_new_tokens=args.max_new_tokens, temperature=args.temperature,
@@ -105,13 +104,11 @@ def trajectory_strip(frames: list[Image.Image], scale: int = 4, gap: int = 2) ->
 def cmd_imagine(args) -> None:
     out_path = _writable_image_path(args.output, "--output")
     strip_path = _writable_image_path(args.trajectory, "--trajectory") if args.trajectory else None
-    from prior.flow import check_int
-    from unified.generate import ImageGenerationConfig
-    from unified.pipeline import check_prompt
+    from unified.apps import inputs
 
-    check_prompt(args.prompt)
-    ImageGenerationConfig(**_sampling(args))
-    check_int("--frames", args.frames, 1, 1000)
+    inputs.text("prompt", args.prompt)
+    inputs.knobs(**_sampling(args))
+    inputs.whole("--frames", args.frames, 1, 1000)
     pipe = _pipeline(args.checkpoint)
     res = pipe.text_to_image(args.prompt, trajectory=args.frames if strip_path else 0,
                              **_sampling(args))
@@ -127,11 +124,11 @@ def cmd_imagine(args) -> None:
 
 def cmd_demo(args) -> None:
     from demo.app import serve
-    from prior.flow import check_int
+    from unified.apps import inputs
 
-    check_int("--port", args.port, 1, 65535)
-    check_int("--concurrency", args.concurrency, 1, 64)
-    check_int("--max-queue", args.max_queue, 1, 10_000)
+    inputs.whole("--port", args.port, 1, 65535)
+    inputs.whole("--concurrency", args.concurrency, 1, 64)
+    inputs.whole("--max-queue", args.max_queue, 1, 10_000)
 
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("serving on %s: the demo is reachable from other machines", args.host)

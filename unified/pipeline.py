@@ -147,11 +147,10 @@ class UnifiedPipeline(DiffusionPipeline):
         BlockOutput per block instead of the final TextResult."""
         from tasks import text_to_text
 
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        prompts = [check_prompt(p) for p in prompts]
-        gen = GenerationConfig(max_new_tokens=max_new_tokens, steps=steps, guidance=guidance,
-                               shift=shift, temperature=temperature, top_k=top_k, top_p=top_p,
-                               seed=seed, method=method)
+        prompts = inputs.texts("prompt", prompt)
+        gen = GenerationConfig(**inputs.knobs(
+            max_new_tokens=max_new_tokens, steps=steps, guidance=guidance, shift=shift,
+            temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, method=method))
         it = text_to_text.stream(self.model, prompts, gen)
         return it if stream else _finish_text(it)
 
@@ -169,15 +168,16 @@ class UnifiedPipeline(DiffusionPipeline):
 
         self._need_images()
         images = image if isinstance(image, list) else [image]
-        if not images:
-            raise ValueError("no image given")
-        x = torch.stack([prepare_image(im, self.model.image_size) for im in images])
+        inputs.batch("images", len(images))
         q = check_prompt(question or "", "question", allow_empty=True).strip() or None
         prefix = check_prompt(prefix, "caption prefix", allow_empty=True)
-        gen = GenerationConfig(max_new_tokens=max_new_tokens, steps=steps, guidance=guidance,
-                               shift=shift, temperature=temperature, seed=seed, method=method)
+        knobs = inputs.knobs(max_new_tokens=max_new_tokens, steps=steps, guidance=guidance,
+                             shift=shift, temperature=temperature, seed=seed, method=method,
+                             rerank=rerank)
+        rerank = knobs.pop("rerank")
+        gen = GenerationConfig(**knobs)
+        x = torch.stack([prepare_image(im, self.model.image_size) for im in images])
         x, qs, prefixes = x.to(self.model.vae.device), [q] * len(images), [prefix] * len(images)
-        rerank = inputs.whole("rerank", rerank, 0, 64)
         if rerank > 1:
             if stream:
                 raise ValueError("a reranked caption cannot stream: it is chosen among finished "
@@ -197,11 +197,11 @@ class UnifiedPipeline(DiffusionPipeline):
         from tasks import text_to_image
 
         self._need_images()
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        prompts = [check_prompt(p) for p in prompts]
-        gen = ImageGenerationConfig(steps=steps, guidance=guidance, shift=shift, seed=seed,
-                                    method=method)
-        trajectory = inputs.whole("trajectory", trajectory, 0, 1000)
+        prompts = inputs.texts("prompt", prompt)
+        knobs = inputs.knobs(steps=steps, guidance=guidance, shift=shift, seed=seed,
+                             method=method, trajectory=trajectory)
+        trajectory = knobs.pop("trajectory")
+        gen = ImageGenerationConfig(**knobs)
         t0 = time.perf_counter()
         out = text_to_image.generate(self.model, prompts, gen, trajectory=trajectory,
                                      on_step=on_step)

@@ -26,12 +26,17 @@ import math
 import numbers
 import re
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from PIL import Image
 
+from prior.flow import SAMPLERS
+from unified.generate import MAX_SEED
+
 MAX_PROMPT_CHARS = 2000
+MAX_BATCH = 256  # prompts or images in one pipeline call
 MAX_IMAGE_SIDE = 4096  # larger images are refused, not resized (memory)
 MAX_IMAGE_BYTES = 20 * 2**20  # the demo's upload limit (max_file_size="20mb"), also data: URLs
 
@@ -43,8 +48,18 @@ def show(value: Any, limit: int = 40) -> str:
     elif abs(int(value)) < 10**limit:
         s = str(int(value))
     else:  # str() of a huge int is slow, and refused beyond 4300 digits
-        s = f"a {int(value).bit_length() * 0.30103:.0f}-digit number"
+        s = f"a {digits(int(value))}-digit number"
     return s if len(s) <= limit else s[:limit - 3] + "..."
+
+
+def digits(n: int) -> int:
+    """How many decimal digits |n| has (without str(), which refuses huge ints)."""
+    n, d = abs(n), int(math.log10(abs(n))) if n else 0
+    while d > 0 and 10**d > n:  # log10 of a huge int may be off by one either way
+        d -= 1
+    while 10 ** (d + 1) <= n:
+        d += 1
+    return d + 1
 
 
 def _fmt(x: float) -> str:
@@ -70,7 +85,7 @@ def whole(name: str, value: Any, lo: int, hi: int) -> int:
     else:
         raise ValueError(f"{name} must be a whole number, got {show(value)}")
     if not lo <= n <= hi:
-        raise ValueError(f"{name} must be between {lo} and {hi}, got {show(n)}")
+        raise ValueError(f"{name} must be between {_fmt(lo)} and {_fmt(hi)}, got {show(n)}")
     return n
 
 
@@ -88,11 +103,62 @@ def real(name: str, value: Any, lo: float, hi: float, *, low_open: bool = False)
         if not math.isfinite(f):
             raise ValueError(f"{name} must be a finite number, got {show(value)}")
     if (lo < value if low_open else lo <= value) and value <= hi:
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:  # an integer beyond float range, with no upper bound
+            raise ValueError(f"{name} must be a finite number, got {show(value)}") from None
     if low_open:
         span = f"greater than {_fmt(lo)}" + ("" if math.isinf(hi) else f" and at most {_fmt(hi)}")
         raise ValueError(f"{name} must be {span}, got {show(value)}")
     raise ValueError(f"{name} must be between {_fmt(lo)} and {_fmt(hi)}, got {show(value)}")
+
+
+def choice(name: str, value: Any, options: tuple[str, ...]) -> str:
+    if not isinstance(value, str) or value not in options:
+        raise ValueError(f"{name} must be one of {', '.join(options)}, got {show(value)}")
+    return value
+
+
+@dataclass(frozen=True)
+class Range:
+    """The accepted values of a numeric knob: whole numbers or reals in [lo, hi]
+    ((lo, hi] with `low_open`)."""
+
+    lo: float
+    hi: float
+    whole: bool = False
+    low_open: bool = False
+
+    def check(self, name: str, value: Any) -> int | float:
+        if self.whole:
+            return whole(name, value, int(self.lo), int(self.hi))
+        return real(name, value, self.lo, self.hi, low_open=self.low_open)
+
+
+# The pipeline's knobs (UnifiedPipeline and the command line); the demo narrows some of them
+# (demo/app.py Limits) to bound a request's cost.
+KNOBS: dict[str, Range] = {
+    "max_new_tokens": Range(1, 1 << 20, whole=True),
+    "steps": Range(1, 1000, whole=True),
+    "guidance": Range(0.0, 50.0),
+    "shift": Range(0.0, math.inf, low_open=True),
+    "temperature": Range(0.0, 10.0),
+    "top_k": Range(0, 1 << 30, whole=True),
+    "top_p": Range(0.0, 1.0, low_open=True),
+    "seed": Range(0, MAX_SEED, whole=True),
+    "trajectory": Range(0, 1000, whole=True),
+    "rerank": Range(0, 64, whole=True),
+}
+
+
+def knobs(**values: Any) -> dict[str, Any]:
+    """Check the named knobs against KNOBS (and `method` against the samplers); returns them
+    with whole numbers as ints. The first bad one raises its message."""
+    out = {}
+    for name, value in values.items():
+        out[name] = choice("sampler", value, SAMPLERS) if name == "method" else \
+            KNOBS[name].check(name, value)
+    return out
 
 
 def text(what: str, value: Any, *, allow_empty: bool = False,
@@ -113,6 +179,23 @@ def text(what: str, value: Any, *, allow_empty: bool = False,
     if not allow_empty and not value.strip():
         raise ValueError(f"the {what} is empty")
     return value
+
+
+def texts(what: str, value: Any) -> list[str]:
+    """One prompt or a list of them, each checked by `text`."""
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, (list, tuple)):
+        raise ValueError(f"the {what} must be text or a list of texts, got {type(value).__name__}")
+    batch(f"{what}s", len(items))
+    return [text(what, v) for v in items]
+
+
+def batch(what: str, n: int) -> int:
+    if n < 1:
+        raise ValueError(f"no {what} given")
+    if n > MAX_BATCH:
+        raise ValueError(f"too many {what}: {n}, at most {MAX_BATCH} in one call")
+    return n
 
 
 # --------------------------------------------------------------------------- images
