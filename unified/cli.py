@@ -23,7 +23,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from unified.cli_tasks import DEFAULT_CHECKPOINT, UserError, add_parsers
+from unified.cli_tasks import DEFAULT_CHECKPOINT, UserError, add_parsers, writable_folder
 
 __all__ = ["DEFAULT_CHECKPOINT", "UserError", "build_parser", "main"]
 
@@ -55,6 +55,7 @@ def _threads() -> None:
 def cmd_make_shards(args) -> None:
     from unified.shards import make_default_corpus_shards, read_text_inputs, write_text_shards
 
+    writable_folder(args.output, "--output")
     if args.kind == "shapes":
         from tasks.shapes import make_shapes_shards
 
@@ -79,6 +80,7 @@ def cmd_train(args) -> None:
     from unified.distributed import cleanup
     from unified.train import Trainer
 
+    writable_folder(args.out, "--out")
     cfg = load_preset(args.preset, args.set)
     tasks = None
     if cfg.data.pairs:  # a unified preset: image-text records become task samples

@@ -82,14 +82,51 @@ def cmd_caption(args) -> None:
     print(f"({out.seconds:.2f} s, {out.nfe} model evaluations)", file=sys.stderr)
 
 
-def _writable_image_path(path: str, what: str) -> Path:
+def _probe_writable(folder: Path, what: str, path) -> None:
+    """Create and remove a file in `folder`: the only sure test that it can be written."""
+    import tempfile
+
+    try:
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".cola-write-test-")
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as e:
+        raise UserError(f"{what} {path}: cannot write to the folder {folder} ({e.strerror})"
+                        ) from None
+
+
+def writable_file(path: str, what: str, suffixes: dict | None = None) -> Path:
+    """An output file checked before the work: a known image type (with `suffixes`), not a
+    folder, in an existing folder that can be written, not a read-only file."""
     p = Path(path)
-    if p.suffix.lower() not in Image.registered_extensions():
+    if p.is_dir():
+        raise UserError(f"{what} {path} is a folder; give a file name")
+    if suffixes is not None and p.suffix.lower() not in suffixes:
         raise UserError(f"{what} {path}: unknown image type {p.suffix or '(no extension)'}; "
                         f"use .png")
     if not p.parent.is_dir():
         raise UserError(f"{what} {path}: the folder {p.parent} does not exist")
+    _probe_writable(p.parent, what, path)
+    if p.exists() and not os.access(p, os.W_OK):
+        raise UserError(f"{what} {path}: the file is read-only")
     return p
+
+
+def writable_folder(path: str, what: str) -> Path:
+    """An output folder checked before the work: not a file, and its nearest existing
+    ancestor (the folder itself if it exists) can be written."""
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise UserError(f"{what} {path} is a file, not a folder")
+    existing = next(a for a in (p, *p.parents) if a.exists() or a == Path(a.anchor))
+    if not existing.is_dir():
+        raise UserError(f"{what} {path}: {existing} is a file, not a folder")
+    _probe_writable(existing, what, path)
+    return p
+
+
+def _writable_image_path(path: str, what: str) -> Path:
+    return writable_file(path, what, Image.registered_extensions())
 
 
 def trajectory_strip(frames: list[Image.Image], scale: int = 4, gap: int = 2) -> Image.Image:

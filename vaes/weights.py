@@ -106,14 +106,14 @@ def load_part(klass, folder: str | Path, **kwargs):
                                                 output_loading_info=True, **extra, **kwargs)
     except Exception as e:  # noqa: BLE001 - whatever the library says, it is this folder
         lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()] or [type(e).__name__]
-        raise ModelFileError(f"{folder}: cannot load a {klass.__name__} from its config.json "
-                             f"and weights ({type(e).__name__}: {' '.join(lines[:2])[:300]})"
-                             ) from e
+        raise ModelFileError(f"{folder / 'config.json'}: cannot load a {klass.__name__} from it "
+                             f"and the weights beside it ({type(e).__name__}: "
+                             f"{' '.join(lines[:2])[:300]})") from e
     for kind in ("missing_keys", "unexpected_keys", "mismatched_keys"):
         keys = sorted(str(k) for k in info.get(kind) or [])
         if keys:
-            raise ModelFileError(f"{folder}: the weights do not match config.json "
-                                 f"({len(keys)} {kind.replace('_', ' ')}, e.g. {keys[0]})")
+            raise ModelFileError(f"{folder / 'config.json'}: the weights beside it do not match "
+                                 f"it ({len(keys)} {kind.replace('_', ' ')}, e.g. {keys[0]})")
     return model
 
 
