@@ -165,3 +165,21 @@ def test_invalid_utf8_and_lone_surrogates_everywhere(pipe, capsys):
     assert _cli_error(capsys, ["generate", bad]) == expected
     assert "U+D800" in _pipe_error(pipe, prompt="\ud800")
     assert pipe.generate_text("caf\u00e9", max_new_tokens=4).text is not None
+
+
+def test_a_lazily_opened_huge_image_is_refused_before_decoding(pipe, tmp_path):
+    """A PIL image opened by the caller (header read, pixels not): the pipeline checks its
+    size before converting it. The file holds only the header, so decoding would fail."""
+    full = tmp_path / "full.png"
+    Image.new("1", (10_000, 10_000)).save(full)
+    cut = tmp_path / "cut.png"
+    cut.write_bytes(full.read_bytes()[:64])
+    with pytest.warns(Image.DecompressionBombWarning):  # PIL's own warning, at open
+        lazy = Image.open(cut)
+    with pytest.raises(ValueError, match=r"too large \(10000 x 10000\)"):
+        pipe.caption(lazy, max_new_tokens=4)
+    small = tmp_path / "small.png"
+    Image.new("RGB", (40, 20), "blue").save(small)
+    small.write_bytes(small.read_bytes()[:-30])  # a readable header, truncated pixels
+    with pytest.raises(ValueError, match="not a readable image"):
+        pipe.caption(Image.open(small), max_new_tokens=4)
