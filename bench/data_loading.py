@@ -1,13 +1,13 @@
 """Data loading: images/s from webdataset shards vs decoding the same images directly.
 
-    python -m unified.cli make-shards shapes --n-train 5000 --n-heldout 100 --output /tmp/shapes
+    python -m unified.apps.cli make-shards shapes --n-train 5000 --n-heldout 100 --output /tmp/shapes
     python -m bench.data_loading --shards /tmp/shapes/train
 
 Run it as a module from the checkout (`python -m bench...`). Three ways to the same tensors
 ([3, S, S] in [-1, 1]) from the same PNG files, all measured in this run:
 - "direct": the PNG bytes already in memory (read from the tars beforehand, not timed); each
   image decoded with PIL, converted to RGB and to a tensor exactly as the pipeline does;
-- "pipeline": unified.data.image_text_samples over the shards (tar reading, webdataset
+- "pipeline": unified.data.streams.image_text_samples over the shards (tar reading, webdataset
   grouping and decoding, caption checks, the skip handler), in this process;
 - "pipeline, N workers": the same pipeline in a torch DataLoader with N worker processes
   (each worker reads its own shards).
@@ -25,11 +25,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from unified.data import IMAGE_KEYS, expand_urls, image_text_samples
+from unified.data.streams import IMAGE_KEYS, expand_urls, image_text_samples
 
 
 def decode_direct(png: bytes, size: int) -> torch.Tensor:
-    """What the pipeline does per image (unified.data._to_image_text), from bytes in memory."""
+    """What the pipeline does per image (unified.data.streams._to_image_text), from bytes in memory."""
     img = Image.open(io.BytesIO(png)).convert("RGB")
     if img.size != (size, size):
         img = img.resize((size, size), Image.BICUBIC)

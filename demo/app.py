@@ -31,7 +31,7 @@ from demo.errors import ReadableBlocks, exception_handlers
 from demo.examples import DemoExamples, load_examples
 from demo.handlers import Handlers
 from unified.generate import GenerationConfig, ImageGenerationConfig
-from unified.pipeline import UnifiedPipeline
+from unified.apps.pipeline import UnifiedPipeline
 
 CSS = """
 .pixelated img { image-rendering: pixelated; }

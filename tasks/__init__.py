@@ -14,7 +14,7 @@ from tasks.base import SampleContext
 from tasks.image_to_text import INSTRUCTION, ImageToText
 from tasks.text_to_image import TextToImage
 from unified.config import ColaConfig
-from unified.data import SkipCounter, TaskSample, image_text_samples, mix_streams
+from unified.data.streams import SkipCounter, TaskSample, image_text_samples, mix_streams
 
 # tasks trained on image-text records (text-to-text trains on packed prose rows)
 TASKS = {t.name: t for t in (ImageToText(), TextToImage())}
@@ -39,7 +39,7 @@ class TaskMixture:
     def texts(self, n: int, skips: SkipCounter | None = None) -> list[str]:
         """Example texts of the tasks (captions, instructions, questions and answers) for
         training the tokenizer."""
-        from tasks.shapes import Scene, questions
+        from tasks.shapes.world import Scene, questions
 
         out = [INSTRUCTION]
         for _, rec in zip(range(n), image_text_samples(self.cfg.data.pairs, resample=False,

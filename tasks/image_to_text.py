@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from tasks.base import SampleContext, encode_conditions
-from unified.data import TaskSample
+from unified.data.streams import TaskSample
 from unified.generate import GenerationConfig, ImageGenerator, TextGenerator
 from unified.layout import MODALITY_IMAGE, MODALITY_TEXT, ONE_BLOCK, SEG_I, SEG_N, SEG_P, SegmentSpec
 from unified.model import ColaModel
@@ -41,7 +41,7 @@ class ImageToText:
         instruction, answer = INSTRUCTION, record["caption"]
         scene = record.get("meta")
         if cfg.question_prob > 0 and scene and rng.random() < cfg.question_prob:
-            from tasks.shapes import Scene, questions
+            from tasks.shapes.world import Scene, questions
 
             instruction, answer = rng.choice(questions(Scene.from_json(scene)))
         ids = encode_piece(tok, answer, ctx.max_len, pad_to=ctx.block_size)

@@ -12,9 +12,9 @@ import shutil
 import pytest
 from conftest import stdlib_shards
 
-from unified.checkpoint import MANIFEST, damage, list_checkpoints
+from unified.training.checkpoint import MANIFEST, damage, list_checkpoints
 from unified.config import load_preset
-from unified.train import Trainer
+from unified.training.trainer import Trainer
 
 STEPS = 4  # checkpoints at steps 2 and 4
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from unified.cli import main
+from unified.apps.cli import main
 
 
 def export(capsys, src, dst, *flags) -> tuple[int, str, str]:

@@ -13,8 +13,8 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from unified.cli import main
-from unified.data import SkipCounter, image_text_samples
+from unified.apps.cli import main
+from unified.data.streams import SkipCounter, image_text_samples
 
 
 def one_line_error(capsys, argv: list[str]) -> str:

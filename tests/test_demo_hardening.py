@@ -1,5 +1,5 @@
 """The demo as a hostile client sees it: raw HTTP (no gradio_client, so no `meta` fields and
-any JSON at all) against a real server (`python -m unified.cli demo`, one child process for
+any JSON at all) against a real server (`python -m unified.apps.cli demo`, one child process for
 this module) on the tiny random-weight unified model. Each case checks the message and that
 the next good request still works."""
 

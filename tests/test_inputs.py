@@ -14,8 +14,8 @@ from PIL import Image
 from demo.components import Knob, WholeNumber
 from prior.flow import SamplerConfig
 from unified.apps import inputs
-from unified.cli import main
-from unified.pipeline import UnifiedPipeline
+from unified.apps.cli import main
+from unified.apps.pipeline import UnifiedPipeline
 
 HUGE = 10**400  # a 401-digit integer: float(HUGE) overflows
 

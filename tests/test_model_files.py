@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from unified.cli import main
+from unified.apps.cli import main
 from unified.model import ColaModel
-from unified.pipeline import UnifiedPipeline
+from unified.apps.pipeline import UnifiedPipeline
 from vaes.image_vae import load_image_vae, small_image_vae
 from vaes.weights import ModelFileError
 

@@ -13,7 +13,7 @@ layouts their tasks describe), averaged with `loss.task_weights`. The image VAE 
 A saved model is a folder in the diffusers pipeline layout: model_index.json (which part is
 which class, plus the inference layout: block size, image patch size), text_vae/, prior/,
 image_vae/ (config.json + safetensors each) and tokenizer/ (a transformers fast tokenizer).
-`UnifiedPipeline` (unified/pipeline.py) loads the same folder.
+`UnifiedPipeline` (unified/apps/pipeline.py) loads the same folder.
 """
 
 from __future__ import annotations
@@ -213,7 +213,7 @@ class ColaModel(nn.Module):
     # ----------------------------------------------------------------- losses
     def forward(self, batch: dict, stage: int, w: LossConfig, generator=None):
         """(loss, logged terms) of a training stage; the entry point DDP wraps. `batch` holds
-        "text" (packed prose rows) and/or "pairs" (collated task samples, unified/data.py)."""
+        "text" (packed prose rows) and/or "pairs" (collated task samples, unified/data/streams.py)."""
         return (self.stage1_loss if stage == 1 else self.stage2_loss)(batch, w, generator)
 
     @staticmethod

@@ -1,4 +1,4 @@
-"""The `cola` subcommands that run a trained model (part of the composition root, unified/cli.py):
+"""The `cola` subcommands that run a trained model (part of the composition root, unified/apps/cli.py):
 
     cola generate "The function returns" --max-new-tokens 64 --guidance 2 --seed 0
     cola caption scene.png [--question "how many objects are there?"] [--prefix "two objects:"]
@@ -31,7 +31,7 @@ class UserError(Exception):
 
 
 def _pipeline(checkpoint: str):
-    from unified.pipeline import UnifiedPipeline
+    from unified.apps.pipeline import UnifiedPipeline
 
     return UnifiedPipeline.from_pretrained(checkpoint)
 

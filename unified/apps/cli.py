@@ -23,7 +23,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from unified.cli_tasks import DEFAULT_CHECKPOINT, UserError, add_parsers, writable_folder
+from unified.apps.cli_tasks import DEFAULT_CHECKPOINT, UserError, add_parsers, writable_folder
 
 __all__ = ["DEFAULT_CHECKPOINT", "UserError", "build_parser", "main"]
 
@@ -53,11 +53,11 @@ def _threads() -> None:
 
 # --------------------------------------------------------------------------- subcommands
 def cmd_make_shards(args) -> None:
-    from unified.shards import make_default_corpus_shards, read_text_inputs, write_text_shards
+    from unified.data.shards import make_default_corpus_shards, read_text_inputs, write_text_shards
 
     writable_folder(args.output, "--output")
     if args.kind == "shapes":
-        from tasks.shapes import make_shapes_shards
+        from tasks.shapes.world import make_shapes_shards
 
         counts = make_shapes_shards(args.output, n_train=args.n_train, n_heldout=args.n_heldout,
                                     difficulty=args.difficulty, seed=args.seed,
@@ -77,8 +77,8 @@ def cmd_make_shards(args) -> None:
 
 def cmd_train(args) -> None:
     from unified.config import load_preset
-    from unified.distributed import cleanup
-    from unified.train import Trainer
+    from unified.training.distributed import cleanup
+    from unified.training.trainer import Trainer
 
     writable_folder(args.out, "--out")
     cfg = load_preset(args.preset, args.set)
@@ -174,14 +174,14 @@ def cmd_eval(args) -> None:
     model = _load(args.checkpoint)
     report = {}
     if args.what in ("text-vae", "all"):
-        from unified.evaluate import evaluate_text_vae
+        from tasks.text_to_text import evaluate_text_vae
 
         report.update(evaluate_text_vae(model, args.data, max_docs=args.max_docs))
     if args.what in ("shapes", "all"):
         if model.image_vae is None:
             raise UserError(f"{args.checkpoint} has no image side: `cola eval shapes` needs a "
                             "unified model")
-        from tasks.benchmark import evaluate_shapes
+        from tasks.shapes.benchmark import evaluate_shapes
         from unified.generate import GenerationConfig, ImageGenerationConfig
 
         report.update(evaluate_shapes(
@@ -201,7 +201,7 @@ def cmd_eval(args) -> None:
 def cmd_latent_stats(args) -> None:
     import torch
 
-    from unified.data import SkipCounter, image_text_samples
+    from unified.data.streams import SkipCounter, image_text_samples
     from vaes.image_vae import load_image_vae, measure_latent_stats, normalize, set_latent_stats
 
     vae = load_image_vae(args.vae).eval()
