@@ -34,5 +34,5 @@ default-model: $(STAMP)
 	$(BIN)/cola train --preset shapes-default --stage 1 --out runs/shapes-s1
 	$(BIN)/cola train --preset shapes-default --stage 2 --init runs/shapes-s1/final \
 		--out runs/shapes-s2
-	$(BIN)/cola export runs/shapes-s2/final demo/checkpoint --dtype bf16
+	$(BIN)/cola export runs/shapes-s2/final demo/checkpoint --dtype bf16 --force
 	$(BIN)/cola eval all --checkpoint demo/checkpoint

@@ -15,7 +15,8 @@ starts the server. Named API endpoints, for `gradio_client.Client(url).predict(.
         -> (image enlarged for display, real image, trajectory gallery, stats)
 
 Bad input is refused with a readable `gr.Error` (a toast in the browser, an exception with
-the message for an API client); the server keeps serving.
+the message for an API client), never `{"error": null}` (demo/errors.py); the server keeps
+serving. File parameters may only name the upload folder and the example folder.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from pathlib import Path
 import gradio as gr
 
 from demo.components import ImageUpload, Knob, WholeNumber
+from demo.errors import ReadableBlocks, exception_handlers
 from demo.examples import DemoExamples, load_examples
 from demo.handlers import Handlers
 from unified.apps.pipeline import UnifiedPipeline
@@ -196,7 +198,7 @@ def build_app(pipe: UnifiedPipeline, examples: DemoExamples | None = None, *,
     h = Handlers(pipe)
     sees = pipe.can_see_images
     budget = max(1, min(limits.max_new_tokens, pipe.model.vae.config.max_len - 16))
-    with gr.Blocks(title="Cola demo", delete_cache=(3600, 3600)) as app:
+    with ReadableBlocks(title="Cola demo", delete_cache=(3600, 3600)) as app:
         gr.Markdown(
             "# Cola: one continuous-latent prior for text and images\n"
             f"Model `{title}` · " + ("text-to-text, image-to-text and text-to-image"
@@ -227,4 +229,4 @@ def serve(pipe: UnifiedPipeline, *, host: str = "127.0.0.1", port: int = 7860,
     app.queue(default_concurrency_limit=concurrency, max_size=max_queue)
     app.launch(server_name=host, server_port=port, share=share, ssr_mode=False, css=CSS,
                allowed_paths=[str(ex.images[0].path.parent)], max_file_size="20mb",
-               show_error=False)
+               show_error=False, app_kwargs={"exception_handlers": exception_handlers()})

@@ -13,10 +13,14 @@ from __future__ import annotations
 
 import html
 import math
-import numbers
 from typing import Any
 
 import gradio as gr
+from PIL import Image
+
+from demo.files import confined_path, input_folders
+from unified.apps import inputs
+from unified.apps.inputs import image_from_data_url
 
 
 def user_error(message: str) -> gr.Error:
@@ -24,33 +28,32 @@ def user_error(message: str) -> gr.Error:
     return gr.Error(html.escape(message, quote=False), print_exception=False)
 
 
-def _fmt(x: float) -> str:
-    return str(int(x)) if float(x).is_integer() else f"{x:g}"
-
-
-def check_number(name: str, value: Any, lo: float | None, hi: float | None) -> float:
-    """A finite real number in [lo, hi], or a gr.Error that names the field."""
-    if value is None:
-        raise user_error(f"{name} is missing: give a number")
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise user_error(f"{name} must be a number, got {value!r}")
-    if not math.isfinite(value):
-        raise user_error(f"{name} must be a finite number, got {value}")
-    if (lo is not None and value < lo) or (hi is not None and value > hi):
-        raise user_error(f"{name} must be between {_fmt(lo)} and {_fmt(hi)}, got {_fmt(value)}")
-    return value
+def check_number(name: str, value: Any, lo: float | None, hi: float | None, *,
+                 whole: bool = False) -> int | float:
+    """A finite real number (a whole one with `whole`) in [lo, hi], checked by
+    unified.apps.inputs (the pipeline's and the command line's messages), or a gr.Error
+    that names the field."""
+    lo = -math.inf if lo is None else lo
+    hi = math.inf if hi is None else hi
+    try:
+        if whole:
+            return inputs.whole(name, value, lo, hi)
+        return inputs.real(name, value, lo, hi)
+    except ValueError as e:
+        raise user_error(str(e)) from None
 
 
 class Knob(gr.Slider):
-    """A slider whose value is checked (present, finite, in range) before Gradio's own
-    preprocessing; the message names the knob by its label."""
+    """A slider whose value is checked (present, finite, in range; a whole number for a
+    slider of precision 0, a fractional step count is refused, not rounded) before Gradio's
+    own preprocessing; the message names the knob by its label."""
 
     def get_block_name(self) -> str:
         return "slider"
 
     def preprocess(self, payload: Any) -> float:
         return super().preprocess(check_number(self.label or "value", payload, self.minimum,
-                                               self.maximum))
+                                               self.maximum, whole=self.precision == 0))
 
 
 class WholeNumber(gr.Number):
@@ -60,26 +63,32 @@ class WholeNumber(gr.Number):
         return "number"
 
     def preprocess(self, payload: Any) -> int:
-        value = check_number(self.label or "value", payload, self.minimum, self.maximum)
-        if not float(value).is_integer():
-            raise user_error(f"{self.label} must be a whole number, got {_fmt(value)}")
-        return int(value)
+        return check_number(self.label or "value", payload, self.minimum, self.maximum,
+                            whole=True)
 
 
 class ImageUpload(gr.Image):
-    """An image input that passes a file path on and turns an unreadable upload into a
-    readable error (the pixels are decoded, and their size checked, by the pipeline). Build it
-    with type="filepath", image_mode=None: the header is read, nothing is decoded. (No
-    __init__ of its own: Gradio reads a component's properties from its __init__ signature.)"""
+    """An image input that passes a file path (or the image of a data: URL) on, refusing with
+    a readable error:
+    - a path outside the upload folder and the example folder (demo/files.py: a payload sent
+      without Gradio's `meta` field is not checked by Gradio), with one message that does not
+      tell whether the path exists;
+    - a `data:` URL image too large to decode (its size is read from the header first;
+      Gradio's own preprocessing would decode it whole).
+    An uploaded file's pixels are decoded, and their size checked first, by the pipeline.
+    Build it with type="filepath", image_mode=None. (No __init__ of its own: Gradio reads a
+    component's properties from its __init__ signature.)"""
 
     def get_block_name(self) -> str:
         return "image"
 
-    def preprocess(self, payload: Any) -> str | None:
+    def preprocess(self, payload: Any) -> str | Image.Image | None:
+        if payload is None:
+            return None
+        url = getattr(payload, "url", None) or ""
         try:
-            return super().preprocess(payload)
-        except gr.Error:
-            raise
-        except Exception as e:  # noqa: BLE001 - whatever the decoder says, it is the upload
-            name = getattr(payload, "orig_name", None) or "the upload"
-            raise user_error(f"not a readable image: {name} ({type(e).__name__})") from None
+            if url.startswith("data:"):
+                return image_from_data_url(url)
+            return confined_path(getattr(payload, "path", None), input_folders())
+        except ValueError as e:
+            raise user_error(str(e)) from None

@@ -1,4 +1,6 @@
-"""Result images as PNG files, written so that concurrent requests cannot see half a file.
+"""Result images as PNG files, and the folders a file parameter may name.
+
+Result images are PNG files, written so that concurrent requests cannot see half a file.
 
 Gradio caches a returned PIL image by rewriting `<cache>/<hash of its bytes>/image.png` in
 place, so when two requests produce the same image at once (two users clicking the same
@@ -19,6 +21,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from PIL import Image
 
@@ -65,3 +68,38 @@ class ImageFiles:
             except FileNotFoundError:  # pruned by a concurrent call
                 pass
         return removed
+
+
+# --------------------------------------------------------------------------- file parameters
+REFUSED_PATH = "the image must be uploaded (a path on the server is not accepted)"
+
+
+def _inside(path: str, folder: str) -> bool:
+    folder = os.path.realpath(folder)
+    return os.path.commonpath([path, folder]) == folder
+
+
+def input_folders() -> list[str]:
+    """Where a file parameter may point: Gradio's upload folder (uploads, and the cached
+    copies of the examples) and the folders the running app serves (the example images)."""
+    from gradio.context import LocalContext
+    from gradio.utils import get_upload_folder
+
+    blocks = LocalContext.blocks.get(None)
+    return [get_upload_folder(), *(getattr(blocks, "allowed_paths", None) or [])]
+
+
+def confined_path(path: Any, folders: list[str]) -> str:
+    """`path` (symbolic links resolved) if it lies inside one of `folders`, else ValueError
+    with one message whatever the path is: it does not tell whether the path exists, is a
+    folder or is not an image. A file parameter sent without Gradio's `meta` field skips
+    Gradio's own check and would otherwise be opened as it is."""
+    try:
+        if not isinstance(path, str) or not path or "\0" in path or "://" in path:
+            raise ValueError
+        real = os.path.realpath(path)
+        if not any(_inside(real, f) for f in folders):
+            raise ValueError
+    except (ValueError, OSError):
+        raise ValueError(REFUSED_PATH) from None
+    return real

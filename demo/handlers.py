@@ -69,7 +69,7 @@ class Handlers:
         log.info("text-to-text: %d tokens, %.2f s, nfe %d", tokens, seconds, nfe)
         yield text, stats_line(seconds, nfe, f"{tokens} tokens in {blocks} blocks")
 
-    def caption(self, image: str | None, question: str, prefix: str, max_new_tokens: int,
+    def caption(self, image: str | Image.Image | None, question: str, prefix: str, max_new_tokens: int,
                 steps: int, guidance: float, shift: float, temperature: float,
                 seed: int, candidates: int = 1) -> tuple[str, str]:
         """Describe the image (or answer `question` about it), continuing `prefix`; with

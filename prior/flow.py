@@ -13,6 +13,7 @@ The timestep is per token: a position with t = 0 is clean and stays pinned while
 
 from __future__ import annotations
 
+import math
 import numbers
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -72,29 +73,52 @@ def cfg_combine(v_cond: torch.Tensor, v_uncond: torch.Tensor, scale: float) -> t
     return v_uncond + scale * (v_cond - v_uncond)
 
 
+# The config's own checks (a SamplerConfig built in code, a preset). User input is checked
+# before it gets here by unified/apps/inputs.py, with the same messages; prior/ imports
+# nothing of the project, hence these few lines twice.
+def _show(value) -> str:
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool) and \
+            abs(int(value)) >= 10**40:
+        n, d = abs(int(value)), int(math.log10(abs(int(value))))
+        while 10**d > n:  # log10 of a huge int may be off by one either way
+            d -= 1
+        while 10 ** (d + 1) <= n:
+            d += 1
+        return f"a {d + 1}-digit number"
+    s = f"{value:g}" if isinstance(value, float) else repr(value)
+    return s if len(s) <= 40 else s[:37] + "..."
+
+
 def check_int(name: str, value, lo: int, hi: int) -> int:
-    """`value` as an int in [lo, hi] (an integral float such as 8.0 is accepted), else a
-    ValueError that names the knob: user input reaches here from the CLI and the demo."""
+    """`value` as an int in [lo, hi] (an integral float such as 8.0 is accepted, 8.5 is not),
+    else a ValueError that names the knob."""
     if isinstance(value, numbers.Real) and not isinstance(value, (bool, numbers.Integral)):
-        if not float(value).is_integer():
-            raise ValueError(f"{name} must be a whole number, got {value}")
+        if not math.isfinite(value) or not float(value).is_integer():
+            raise ValueError(f"{name} must be a whole number, got {_show(value)}")
         value = int(value)
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise ValueError(f"{name} must be a whole number, got {value!r}")
+        raise ValueError(f"{name} must be a whole number, got {_show(value)}")
     if not lo <= value <= hi:
-        raise ValueError(f"{name} must be in [{lo}, {hi}], got {value}")
+        raise ValueError(f"{name} must be between {lo} and {hi}, got {_show(value)}")
     return int(value)
 
 
 def check_real(name: str, value, lo: float, hi: float, *, low_open: bool = False) -> float:
     """`value` as a float in [lo, hi] ((lo, hi] with `low_open`); NaN, infinities and
     non-numbers are refused with a message that names the knob."""
-    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and \
-        (lo < value if low_open else lo <= value) and value <= hi
-    if not ok:
-        span = f"({lo:g}, {hi:g}]" if low_open else f"[{lo:g}, {hi:g}]"
-        raise ValueError(f"{name} must be a number in {span}, got {value!r}")
-    return float(value)
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{name} must be a number, got {_show(value)}")
+    if not isinstance(value, numbers.Integral) and not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {_show(value)}")
+    if not ((lo < value if low_open else lo <= value) and value <= hi):
+        g = lambda x: str(int(x)) if float(x).is_integer() else f"{x:g}"  # noqa: E731
+        span = (f"greater than {g(lo)}" + ("" if math.isinf(hi) else f" and at most {g(hi)}")
+                if low_open else f"between {g(lo)} and {g(hi)}")
+        raise ValueError(f"{name} must be {span}, got {_show(value)}")
+    try:
+        return float(value)
+    except OverflowError:  # an integer beyond float range, with no upper bound
+        raise ValueError(f"{name} must be a finite number, got {_show(value)}") from None
 
 
 @dataclass(frozen=True)
@@ -110,8 +134,7 @@ class SamplerConfig:
         object.__setattr__(self, "steps", check_int("steps", self.steps, 1, 1000))
         if self.method not in SAMPLERS:
             raise ValueError(f"unknown sampler {self.method!r}; choose one of {SAMPLERS}")
-        if not (isinstance(self.shift, numbers.Real) and 0 < self.shift < float("inf")):
-            raise ValueError(f"schedule shift must be a finite number > 0, got {self.shift!r}")
+        check_real("shift", self.shift, 0.0, math.inf, low_open=True)
         check_real("guidance", self.guidance, 0.0, 50.0)
 
 

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from unified.layout import per_sample_table
 from vaes.text_vae import causal_mask
 from vaes.tokenizer import load_tokenizer
+from vaes.weights import ModelFileError, load_part, read_json_object
 
 BASELINE_FILE = "baseline.json"
 KINDS = ("ar", "mdlm")
@@ -114,7 +115,7 @@ class _Baseline(nn.Module):
         from transformers import LlamaForCausalLM
 
         folder = Path(folder)
-        net = LlamaForCausalLM.from_pretrained(folder / "net", attn_implementation="sdpa")
+        net = load_part(LlamaForCausalLM, folder / "net", attn_implementation="sdpa")
         return cls(net, load_tokenizer(folder / "tokenizer")).to(device=device,
                                                                   dtype=torch.float32).eval()
 
@@ -306,7 +307,10 @@ def load_model(folder: str | Path, device: str | torch.device = "cpu"):
     """A saved model folder: a baseline (baseline.json) or a Cola model (model_index.json)."""
     folder = Path(folder)
     if is_baseline(folder):
-        kind = json.loads((folder / BASELINE_FILE).read_text())["kind"]
+        kind = read_json_object(folder / BASELINE_FILE).get("kind")
+        if kind not in BASELINES:
+            raise ModelFileError(f"{folder / BASELINE_FILE}: kind must be one of {KINDS}, "
+                                 f"got {kind!r}")
         return BASELINES[kind].from_pretrained(folder, device)
     from unified.model import ColaModel
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import copy
 import importlib
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -41,6 +42,7 @@ from unified.layout import (
 from vaes import image_vae as iv
 from vaes.text_vae import TextVAE
 from vaes.tokenizer import load_tokenizer
+from vaes.weights import ModelFileError, check_folder, load_part, read_json_object
 
 MODEL_INDEX = "model_index.json"
 PIPELINE_CLASS = "UnifiedPipeline"
@@ -85,6 +87,42 @@ def build_prior(cfg: ColaConfig, latent_dim: int, image_token_dim: int | None = 
     return DiT(modalities=modalities, width=p.width, depth=p.depth, heads=p.heads,
                mlp_ratio=p.mlp_ratio, attn_backend=p.attn_backend, act=p.act,
                rope_axes=2 if image_token_dim is not None else 1)
+
+
+def read_index(folder: Path) -> dict:
+    """model_index.json, checked: each part (library, class) is the one of PARTS or absent
+    (the text VAE is required), the layout numbers are numbers. ModelFileError naming the
+    file otherwise."""
+    path = Path(folder) / MODEL_INDEX
+    raw = read_json_object(path)
+    out: dict = {}
+    for name, expected in PARTS.items():
+        entry = raw.get(name)
+        if entry is None or entry == [None, None]:
+            if name in ("text_vae", "tokenizer"):
+                raise ModelFileError(f"{path}: no {name} entry (expected {list(expected)})")
+            out[name] = None
+        elif not isinstance(entry, list) or entry != list(expected):
+            raise ModelFileError(f"{path}: {name} must be {list(expected)}, got {entry!r}")
+        else:
+            out[name] = entry
+
+    def number(key, default, kind, lo):
+        val = raw.get(key, default)
+        if isinstance(val, bool) or not isinstance(val, kind) or not val >= lo:
+            raise ModelFileError(f"{path}: {key} must be a {kind.__name__} >= {lo}, got {val!r}")
+        return val
+
+    out["block_size"] = number("block_size", raw.get("layout", {}).get("block_size", 16)
+                               if isinstance(raw.get("layout"), dict) else 16, int, 1)
+    out["image_patch_size"] = number("image_patch_size", 2, int, 1)
+    out["image_size"] = number("image_size", 32, int, 1)
+    t = raw.get("image_time", [1.0, 1.0])
+    if not (isinstance(t, list) and len(t) == 2 and all(
+            isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in t)):
+        raise ModelFileError(f"{path}: image_time must be [loc, scale], got {t!r}")
+    out["image_time"] = [float(x) for x in t]
+    return out
 
 
 class ColaModel(nn.Module):
@@ -298,21 +336,22 @@ class ColaModel(nn.Module):
             raise FileNotFoundError(
                 f"no Cola model at {folder}: expected {folder / MODEL_INDEX} (a folder written "
                 "by `cola train` or `cola export`)")
-        index = json.loads((folder / MODEL_INDEX).read_text())
+        index = read_index(folder)
         parts = {}
         for name in ("text_vae", "prior", "image_vae"):
-            entry = index.get(name)
-            if not entry or (isinstance(entry, list) and entry[0] is None):
+            if index[name] is None:
                 parts[name] = None
                 continue
             klass = getattr(importlib.import_module(PARTS[name][0]), PARTS[name][1])
-            parts[name] = (klass.from_pretrained(folder / name, low_cpu_mem_usage=False) if weights
-                           else klass.from_config(klass.load_config(folder / name)))
-        block = index.get("block_size", index.get("layout", {}).get("block_size", 16))
+            if weights:
+                parts[name] = load_part(klass, folder / name)
+            else:
+                check_folder(folder / name, weights=False)
+                parts[name] = klass.from_config(klass.load_config(folder / name))
         model = cls(parts["text_vae"], parts["prior"], load_tokenizer(folder / "tokenizer"),
-                    TextLayoutConfig(block_size=block), parts["image_vae"],
-                    image_patch_size=index.get("image_patch_size", 2),
-                    image_time=TimeConfig(*index.get("image_time", [1.0, 1.0])),
-                    image_size=index.get("image_size", 32))
+                    TextLayoutConfig(block_size=index["block_size"]), parts["image_vae"],
+                    image_patch_size=index["image_patch_size"],
+                    image_time=TimeConfig(*index["image_time"]),
+                    image_size=index["image_size"])
         # weights may be stored in bf16 to keep the bundled model small; compute in fp32
         return model.to(device=device, dtype=torch.float32).eval()

@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL
 
+from vaes.weights import load_part
+
 
 def small_image_vae(latent_channels: int = 4, widths: tuple[int, ...] = (32, 64, 64),
                     sample_size: int = 32) -> AutoencoderKL:
@@ -36,10 +38,11 @@ def small_image_vae(latent_channels: int = 4, widths: tuple[int, ...] = (32, 64,
 
 
 def load_image_vae(folder: str | Path) -> AutoencoderKL:
+    """A diffusers VAE folder (config.json + safetensors only; vaes/weights.py)."""
     folder = Path(folder)
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"no diffusers VAE at {folder}: expected {folder / 'config.json'}")
-    return AutoencoderKL.from_pretrained(folder, low_cpu_mem_usage=False)
+    return load_part(AutoencoderKL, folder)
 
 
 def _stats(vae: AutoencoderKL, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

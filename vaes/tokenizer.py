@@ -63,7 +63,11 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerFast:
         raise FileNotFoundError(
             f"no tokenizer.json in {folder}; expected a folder saved by tok.save_pretrained()"
         )
-    tok = PreTrainedTokenizerFast.from_pretrained(str(folder))
+    try:
+        tok = PreTrainedTokenizerFast.from_pretrained(str(folder))
+    except Exception as e:  # noqa: BLE001 - the Rust parser's errors name no file
+        raise ValueError(f"{folder / 'tokenizer.json'}: not a readable tokenizer "
+                         f"({type(e).__name__}: {str(e).strip()[:200]})") from e
     for i, token in enumerate(SPECIAL_TOKENS):
         if tok.convert_tokens_to_ids(token) != i:
             raise ValueError(f"{folder}: special token {token!r} must have id {i}")

@@ -6,7 +6,7 @@
     cola make-shards textworld --n-train 20000 --n-heldout 500 --output data/textworld
     cola train --preset text-default --stage 1 --out runs/s1
     cola train --preset text-default --stage 2 --init runs/s1/final --out runs/s2
-    cola export runs/s2/final demo/checkpoint
+    cola export runs/s2/final demo/checkpoint --force
     cola generate "The function returns" --max-new-tokens 64 --guidance 2 --seed 0
     cola caption scene.png --question "how many objects are there?"
     cola imagine "a large red circle at the top left" -o out.png --trajectory strip.png
@@ -27,7 +27,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from unified.apps.cli_tasks import DEFAULT_CHECKPOINT, UserError, add_parsers
+from unified.apps.cli_tasks import DEFAULT_CHECKPOINT, UserError, add_parsers, writable_folder
 
 __all__ = ["DEFAULT_CHECKPOINT", "UserError", "build_parser", "main"]
 
@@ -59,6 +59,7 @@ def _threads() -> None:
 def cmd_make_shards(args) -> None:
     from unified.data.shards import make_default_corpus_shards, read_text_inputs, write_text_shards
 
+    writable_folder(args.output, "--output")
     if args.kind == "shapes":
         from tasks.shapes.world import make_shapes_shards
 
@@ -88,6 +89,7 @@ def cmd_train(args) -> None:
     from unified.training.distributed import cleanup
     from unified.training.trainer import Trainer
 
+    writable_folder(args.out, "--out")
     cfg = load_preset(args.preset, args.set)
     tasks = None
     if cfg.data.pairs:  # a unified preset: image-text records become task samples
@@ -101,21 +103,71 @@ def cmd_train(args) -> None:
         cleanup(trainer.dist)
 
 
+MODEL_ENTRIES = {"model_index.json", "text_vae", "prior", "image_vae", "tokenizer"}
+
+
+def check_export_destination(dst: Path, force: bool) -> bool:
+    """Whether `dst` holds a Cola model folder that will be replaced (with `force`); a
+    UserError, before any work, for anything that must not be touched or cannot be written:
+    a missing parent folder (never created silently), a file, a non-empty folder that is not
+    a Cola model folder (or holds anything else besides one), a model folder without --force."""
+    parent = dst.parent
+    if not parent.is_dir():
+        raise UserError(f"the folder {parent} does not exist (create it first; it is not "
+                        f"created for you)")
+    if not dst.exists() and not dst.is_symlink():
+        return False
+    if not dst.is_dir() or dst.is_symlink():
+        raise UserError(f"{dst} exists and is not a folder; give another destination")
+    entries = {p.name for p in dst.iterdir()}
+    if not entries:
+        return False
+    if "model_index.json" not in entries:
+        raise UserError(f"{dst} is not empty and is not a Cola model folder (no model_index.json);"
+                        f" nothing was written: give an empty or new folder")
+    other = sorted(entries - MODEL_ENTRIES)
+    if other:
+        raise UserError(f"{dst} holds a Cola model and other files ({', '.join(other[:3])}"
+                        f"{', ...' if len(other) > 3 else ''}); nothing was written: move them "
+                        f"or give another destination")
+    if not force:
+        raise UserError(f"{dst} already holds a Cola model; pass --force to replace it")
+    return True
+
+
 def cmd_export(args) -> None:
+    import tempfile
+
     import torch
 
     from unified.model import ColaModel
 
-    model = ColaModel.from_pretrained(args.src)
-    if args.dtype == "bf16":
-        model.to(torch.bfloat16)
     dst = Path(args.dst)
-    tmp = dst.with_name(dst.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    shutil.rmtree(dst, ignore_errors=True)
-    tmp.rename(dst)
-    print(f"exported {args.src} -> {dst}")
+    replace = check_export_destination(dst, args.force)
+    try:  # the temporary folder is written first: an unwritable parent fails before the work
+        tmp = Path(tempfile.mkdtemp(dir=dst.parent, prefix=f".{dst.name}.export-"))
+    except OSError as e:
+        raise UserError(f"cannot write to the folder {dst.parent} ({e.strerror})") from None
+    old = None
+    try:
+        model = ColaModel.from_pretrained(args.src)
+        if args.dtype == "bf16":
+            model.to(torch.bfloat16)
+        model.save_pretrained(tmp)
+        if dst.exists():  # an empty folder, or a Cola model folder (--force): swapped out
+            old = Path(tempfile.mkdtemp(dir=dst.parent, prefix=f".{dst.name}.old-"))
+            dst.rename(old / dst.name)
+        tmp.rename(dst)
+    except BaseException:
+        if old is not None and not dst.exists():  # put the old folder back
+            (old / dst.name).rename(dst)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    print(f"exported {args.src} -> {dst}" + (" (replaced the model that was there)"
+                                             if replace else ""))
 
 
 def _load(checkpoint: str):
@@ -232,11 +284,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "none: start over; or a checkpoint folder")
     s.set_defaults(fn=cmd_train)
 
-    s = sub.add_parser("export", help="copy a model folder (config.json + safetensors)")
+    s = sub.add_parser("export", help="copy a model folder (config.json + safetensors) into "
+                                      "a new or empty folder")
     s.add_argument("src")
     s.add_argument("dst")
     s.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32",
                    help="storage precision of the weights (loading always computes in fp32)")
+    s.add_argument("--force", action="store_true",
+                   help="replace a Cola model folder at DST (any other non-empty folder is "
+                        "refused)")
     s.set_defaults(fn=cmd_export)
 
     add_parsers(sub)  # generate, caption, imagine, demo, serve

@@ -7,8 +7,9 @@
     cola demo [--checkpoint DIR] [--host 127.0.0.1] [--port 7860] [--share]
     cola serve [--checkpoint DIR] [--host 127.0.0.1] [--port 8000] [--api-key KEY]
 
-All of them load the bundled checkpoint unless told otherwise and go through UnifiedPipeline,
-which validates every argument; a bad one is reported as one line (`cola CMD: error: ...`).
+All of them load the bundled checkpoint unless told otherwise and go through UnifiedPipeline.
+Every argument is checked by unified/apps/inputs.py (the pipeline's and the demo's checks)
+before the model loads; a bad one is reported as one line (`cola CMD: error: ...`).
 """
 
 from __future__ import annotations
@@ -43,16 +44,16 @@ def _sampling(args) -> dict:
 
 def _check_text_args(args, **extra) -> None:
     """Validate the knobs of a text task before the model loads (fail fast, same messages)."""
-    from unified.generate import GenerationConfig
+    from unified.apps import inputs
 
-    GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                     **_sampling(args), **extra)
+    inputs.knobs(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                 **_sampling(args), **extra)
 
 
 def cmd_generate(args) -> None:
-    from unified.apps.pipeline import check_prompt
+    from unified.apps import inputs
 
-    check_prompt(args.prompt)
+    inputs.text("prompt", args.prompt)
     _check_text_args(args, top_k=args.top_k, top_p=args.top_p)
     pipe = _pipeline(args.checkpoint)
     print(args.prompt, end="", flush=True)
@@ -67,15 +68,13 @@ def cmd_generate(args) -> None:
 
 
 def cmd_caption(args) -> None:
-    from unified.apps.pipeline import check_prompt, open_image
+    from unified.apps import inputs
 
-    image = open_image(args.image)  # a missing or unreadable file fails before the model loads
-    check_prompt(args.question or "", "question", allow_empty=True)
-    check_prompt(args.prefix, "caption prefix", allow_empty=True)
+    image = inputs.open_image(args.image)  # a missing or bad file fails before the model loads
+    inputs.text("question", args.question or "", allow_empty=True)
+    inputs.text("caption prefix", args.prefix, allow_empty=True)
     _check_text_args(args)
-    from prior.flow import check_int
-
-    check_int("candidates", args.candidates, 1, 64)
+    inputs.whole("--candidates", args.candidates, 1, 64)
     pipe = _pipeline(args.checkpoint)
     out = pipe.caption(image, question=args.question, prefix=args.prefix,
                        max_new_tokens=args.max_new_tokens, temperature=args.temperature,
@@ -84,14 +83,51 @@ def cmd_caption(args) -> None:
     print(f"({out.seconds:.2f} s, {out.nfe} model evaluations)", file=sys.stderr)
 
 
-def _writable_image_path(path: str, what: str) -> Path:
+def _probe_writable(folder: Path, what: str, path) -> None:
+    """Create and remove a file in `folder`: the only sure test that it can be written."""
+    import tempfile
+
+    try:
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".cola-write-test-")
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as e:
+        raise UserError(f"{what} {path}: cannot write to the folder {folder} ({e.strerror})"
+                        ) from None
+
+
+def writable_file(path: str, what: str, suffixes: dict | None = None) -> Path:
+    """An output file checked before the work: a known image type (with `suffixes`), not a
+    folder, in an existing folder that can be written, not a read-only file."""
     p = Path(path)
-    if p.suffix.lower() not in Image.registered_extensions():
+    if p.is_dir():
+        raise UserError(f"{what} {path} is a folder; give a file name")
+    if suffixes is not None and p.suffix.lower() not in suffixes:
         raise UserError(f"{what} {path}: unknown image type {p.suffix or '(no extension)'}; "
                         f"use .png")
     if not p.parent.is_dir():
         raise UserError(f"{what} {path}: the folder {p.parent} does not exist")
+    _probe_writable(p.parent, what, path)
+    if p.exists() and not os.access(p, os.W_OK):
+        raise UserError(f"{what} {path}: the file is read-only")
     return p
+
+
+def writable_folder(path: str, what: str) -> Path:
+    """An output folder checked before the work: not a file, and its nearest existing
+    ancestor (the folder itself if it exists) can be written."""
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise UserError(f"{what} {path} is a file, not a folder")
+    existing = next(a for a in (p, *p.parents) if a.exists() or a == Path(a.anchor))
+    if not existing.is_dir():
+        raise UserError(f"{what} {path}: {existing} is a file, not a folder")
+    _probe_writable(existing, what, path)
+    return p
+
+
+def _writable_image_path(path: str, what: str) -> Path:
+    return writable_file(path, what, Image.registered_extensions())
 
 
 def trajectory_strip(frames: list[Image.Image], scale: int = 4, gap: int = 2) -> Image.Image:
@@ -106,13 +142,11 @@ def trajectory_strip(frames: list[Image.Image], scale: int = 4, gap: int = 2) ->
 def cmd_imagine(args) -> None:
     out_path = _writable_image_path(args.output, "--output")
     strip_path = _writable_image_path(args.trajectory, "--trajectory") if args.trajectory else None
-    from prior.flow import check_int
-    from unified.apps.pipeline import check_prompt
-    from unified.generate import ImageGenerationConfig
+    from unified.apps import inputs
 
-    check_prompt(args.prompt)
-    ImageGenerationConfig(**_sampling(args))
-    check_int("--frames", args.frames, 1, 1000)
+    inputs.text("prompt", args.prompt)
+    inputs.knobs(**_sampling(args))
+    inputs.whole("--frames", args.frames, 1, 1000)
     pipe = _pipeline(args.checkpoint)
     res = pipe.text_to_image(args.prompt, trajectory=args.frames if strip_path else 0,
                              **_sampling(args))
@@ -128,11 +162,11 @@ def cmd_imagine(args) -> None:
 
 def cmd_demo(args) -> None:
     from demo.app import serve
-    from prior.flow import check_int
+    from unified.apps import inputs
 
-    check_int("--port", args.port, 1, 65535)
-    check_int("--concurrency", args.concurrency, 1, 64)
-    check_int("--max-queue", args.max_queue, 1, 10_000)
+    inputs.whole("--port", args.port, 1, 65535)
+    inputs.whole("--concurrency", args.concurrency, 1, 64)
+    inputs.whole("--max-queue", args.max_queue, 1, 10_000)
 
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("serving on %s: the demo is reachable from other machines", args.host)

@@ -15,7 +15,6 @@ requests. Bad arguments raise ValueError with a message meant for the user.
 from __future__ import annotations
 
 import time
-import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,14 +24,16 @@ import torch
 from diffusers import DiffusionPipeline
 from PIL import Image
 
-from prior.flow import check_int
+from unified.apps import inputs
+from unified.apps.inputs import MAX_IMAGE_SIDE, MAX_PROMPT_CHARS, open_image
 from unified.generate import BlockOutput, GenerationConfig, ImageGenerationConfig
 from unified.layout import TextLayoutConfig, TimeConfig
 from unified.model import ColaModel
 
+__all__ = ["MAX_IMAGE_SIDE", "MAX_PROMPT_CHARS", "ImageResult", "TextResult", "UnifiedPipeline",
+           "check_prompt", "open_image", "prepare_image", "to_pil"]
+
 _TEXT, _IMAGE = GenerationConfig(), ImageGenerationConfig()  # default knobs: one source
-MAX_IMAGE_SIDE = 4096  # larger uploads are refused, not resized (memory)
-MAX_PROMPT_CHARS = 2000
 
 
 @dataclass
@@ -61,34 +62,6 @@ def to_pil(images: torch.Tensor) -> list[Image.Image]:
     return [Image.fromarray(a.cpu().numpy(), mode="RGB") for a in arr]
 
 
-def _check_image_size(w: int, h: int) -> None:
-    if max(w, h) > MAX_IMAGE_SIDE:
-        raise ValueError(f"the image is too large ({w} x {h}); at most {MAX_IMAGE_SIDE} pixels "
-                         f"a side")
-    if min(w, h) < 1:
-        raise ValueError("the image is empty")
-
-
-def open_image(path: str | Path) -> Image.Image:
-    """Read an image file; ValueError (one readable line) for a missing, unreadable or too
-    large file. The size is checked from the header, before the pixels are decoded."""
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"no such image file: {path}")
-    try:
-        with warnings.catch_warnings():  # the size check below refuses huge images anyway
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(path)
-    except Exception as e:  # noqa: BLE001 - any decoding failure is the user's file
-        raise ValueError(f"not a readable image: {path.name} ({type(e).__name__}: {e})") from None
-    _check_image_size(*image.size)
-    try:
-        image.load()
-    except Exception as e:  # noqa: BLE001 - e.g. a truncated file
-        raise ValueError(f"not a readable image: {path.name} ({type(e).__name__}: {e})") from None
-    return image
-
-
 def prepare_image(image, size: int) -> torch.Tensor:
     """A PIL image, an array (HWC uint8 or float in [0, 1]) or a path -> [3, size, size] in
     [-1, 1]. Raises ValueError for anything that is not a readable, reasonably sized image."""
@@ -97,6 +70,7 @@ def prepare_image(image, size: int) -> torch.Tensor:
     if isinstance(image, np.ndarray):
         if image.ndim != 3 or image.shape[-1] not in (3, 4):
             raise ValueError(f"an image array must be H x W x 3 (or 4), got shape {image.shape}")
+        inputs.check_image_size(image.shape[1], image.shape[0])
         if not np.isfinite(image).all():
             raise ValueError("the image holds NaN or infinite values")
         arr = image[..., :3]
@@ -104,8 +78,11 @@ def prepare_image(image, size: int) -> torch.Tensor:
         image = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), mode="RGB")
     if not isinstance(image, Image.Image):
         raise ValueError(f"expected an image, got {type(image).__name__}")
-    _check_image_size(*image.size)
-    image = image.convert("RGB")
+    inputs.check_image_size(*image.size)  # before the pixels of a lazily opened image load
+    try:
+        image = image.convert("RGB")
+    except Exception as e:  # noqa: BLE001 - e.g. a truncated file opened by the caller
+        raise ValueError(f"not a readable image ({type(e).__name__}: {e})") from None
     if image.size != (size, size):
         image = image.resize((size, size), Image.BICUBIC)
     arr = torch.from_numpy(np.asarray(image, dtype=np.float32).copy()).permute(2, 0, 1)
@@ -113,20 +90,15 @@ def prepare_image(image, size: int) -> torch.Tensor:
 
 
 def check_prompt(prompt: str, what: str = "prompt", allow_empty: bool = False) -> str:
-    if not isinstance(prompt, str):
-        raise ValueError(f"the {what} must be text, got {type(prompt).__name__}")
-    if len(prompt) > MAX_PROMPT_CHARS:
-        raise ValueError(f"the {what} is too long: {len(prompt)} characters, at most "
-                         f"{MAX_PROMPT_CHARS}")
-    if not allow_empty and not prompt.strip():
-        raise ValueError(f"the {what} is empty")
-    return prompt
+    """A prompt, question or prefix checked by unified.apps.inputs.text."""
+    return inputs.text(what, prompt, allow_empty=allow_empty)
 
 
 def row_seeds(seed: int | list[int], rows: int) -> tuple[int, list[int]]:
     """`seed` (one for every row) or a list of one seed per row -> (the first, the list). A
     row's output depends on its own prompt and seed only, never on the rest of the batch."""
     seeds = list(seed) if isinstance(seed, (list, tuple)) else [seed] * rows
+    seeds = [inputs.KNOBS["seed"].check("seed", s) for s in seeds]
     if len(seeds) != rows:
         raise ValueError(f"{len(seeds)} seeds for {rows} prompts: give one seed, or one per prompt")
     if not seeds:
@@ -188,12 +160,11 @@ class UnifiedPipeline(DiffusionPipeline):
         or a list of one per prompt."""
         from tasks import text_to_text
 
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        prompts = [check_prompt(p) for p in prompts]
+        prompts = inputs.texts("prompt", prompt)
         seed, seeds = row_seeds(seed, len(prompts))
-        gen = GenerationConfig(max_new_tokens=max_new_tokens, steps=steps, guidance=guidance,
-                               shift=shift, temperature=temperature, top_k=top_k, top_p=top_p,
-                               seed=seed, method=method)
+        gen = GenerationConfig(**inputs.knobs(
+            max_new_tokens=max_new_tokens, steps=steps, guidance=guidance, shift=shift,
+            temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, method=method))
         it = text_to_text.stream(self.model, prompts, gen, seeds=seeds)
         return it if stream else _finish_text(it)
 
@@ -211,15 +182,16 @@ class UnifiedPipeline(DiffusionPipeline):
 
         self._need_images()
         images = image if isinstance(image, list) else [image]
-        if not images:
-            raise ValueError("no image given")
-        x = torch.stack([prepare_image(im, self.model.image_size) for im in images])
+        inputs.batch("images", len(images))
         q = check_prompt(question or "", "question", allow_empty=True).strip() or None
         prefix = check_prompt(prefix, "caption prefix", allow_empty=True)
-        gen = GenerationConfig(max_new_tokens=max_new_tokens, steps=steps, guidance=guidance,
-                               shift=shift, temperature=temperature, seed=seed, method=method)
+        knobs = inputs.knobs(max_new_tokens=max_new_tokens, steps=steps, guidance=guidance,
+                             shift=shift, temperature=temperature, seed=seed, method=method,
+                             rerank=rerank)
+        rerank = knobs.pop("rerank")
+        gen = GenerationConfig(**knobs)
+        x = torch.stack([prepare_image(im, self.model.image_size) for im in images])
         x, qs, prefixes = x.to(self.model.vae.device), [q] * len(images), [prefix] * len(images)
-        rerank = check_int("rerank", rerank, 0, 64)
         if rerank > 1:
             if stream:
                 raise ValueError("a reranked caption cannot stream: it is chosen among finished "
@@ -240,12 +212,12 @@ class UnifiedPipeline(DiffusionPipeline):
         from tasks import text_to_image
 
         self._need_images()
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        prompts = [check_prompt(p) for p in prompts]
+        prompts = inputs.texts("prompt", prompt)
         seed, seeds = row_seeds(seed, len(prompts))
-        gen = ImageGenerationConfig(steps=steps, guidance=guidance, shift=shift, seed=seed,
-                                    method=method)
-        trajectory = check_int("trajectory", trajectory, 0, 1000)
+        knobs = inputs.knobs(steps=steps, guidance=guidance, shift=shift, seed=seed,
+                             method=method, trajectory=trajectory)
+        trajectory = knobs.pop("trajectory")
+        gen = ImageGenerationConfig(**knobs)
         t0 = time.perf_counter()
         out = text_to_image.generate(self.model, prompts, gen, trajectory=trajectory,
                                      on_step=on_step, seeds=seeds)

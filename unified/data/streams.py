@@ -30,12 +30,29 @@ class MissingTextError(ValueError):
     """A sample without a ``.txt`` member (or with an empty one)."""
 
 
+# Exceptions that mean a bug or a bad setting (e.g. a float where a size is expected), never a
+# bad sample: the skip handler re-raises them instead of counting every sample as bad data.
+CODE_ERRORS = (TypeError, AttributeError, NameError, ImportError, AssertionError,
+               NotImplementedError, SyntaxError, RecursionError, MemoryError)
+
+
+def is_code_error(exn: BaseException) -> bool:
+    """True for a code or config error, also when wrapped (as webdataset wraps decoding)."""
+    seen = 0
+    while exn is not None and seen < 8:
+        if isinstance(exn, CODE_ERRORS):
+            return True
+        exn, seen = exn.__cause__, seen + 1
+    return False
+
+
 class SkipCounter:
     """Webdataset error handler that logs, counts per kind, and continues.
 
     Pass an instance as ``handler=`` to webdataset stages. ``counts`` maps a kind (the
     exception class name, with the cause for wrapped decoding errors) to how often it was
-    skipped; ``total`` is the sum.
+    skipped; ``total`` is the sum. A code or config error (``CODE_ERRORS``) is not bad data:
+    it is raised, not counted.
     """
 
     def __init__(self, name: str = "data") -> None:
@@ -68,6 +85,9 @@ class SkipCounter:
         return " ".join(parts) if parts else None
 
     def __call__(self, exn: BaseException) -> bool:
+        if is_code_error(exn):
+            exn.add_note("(a code or configuration error, not bad data: not skipped)")
+            raise exn
         kind = self.kind(exn)
         self.counts[kind] += 1
         where = self.where(exn)

@@ -6,13 +6,21 @@ A checkpoint folder `step-00001234/` holds:
   ema_prior/        the EMA of the prior (stage 2, when enabled)
   optimizer.safetensors + optimizer.json   tensors and the rest of the optimizer state
   trainer.safetensors + trainer.json       RNG states; step, data position, scheduler, config
-It is written as `.step-00001234.tmp/` and renamed when complete, so a kill mid-write never
-leaves a broken checkpoint under a final name; `latest_checkpoint` ignores temporary folders.
+  manifest.json     the size and sha256 of every other file, recorded when it was written
+It is written as `.step-00001234.tmp/`, every file and folder fsynced, and renamed when
+complete, so neither a kill nor a power loss mid-write leaves a broken checkpoint under a final
+name; `latest_checkpoint` ignores temporary folders. A file damaged later (a truncated copy, a
+full disk, bit rot) is found by `damage` (every file present, sizes and hashes as recorded;
+for an older checkpoint without a manifest, every JSON and safetensors file parses), and
+`--resume auto` falls back to the newest undamaged checkpoint (`latest_valid_checkpoint`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -20,7 +28,11 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from vaes.weights import ModelFileError, check_safetensors, read_json
+
 STEP_PREFIX = "step-"
+MANIFEST = "manifest.json"
+log = logging.getLogger("cola.checkpoint")
 
 
 def optimizer_to_flat(opt: torch.optim.Optimizer, local=lambda t: t
@@ -67,14 +79,54 @@ def begin_checkpoint(run_dir: Path, step: int) -> tuple[Path, Path]:
     return tmp, final
 
 
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _sha256(path: Path, fsync: bool = False) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+        if fsync:
+            os.fsync(f.fileno())
+    return h.hexdigest()
+
+
+def write_manifest(folder: Path) -> dict:
+    """Hash and fsync every file of `folder`, write manifest.json (size and sha256 of each),
+    then fsync it and every folder of the tree."""
+    files = {}
+    for p in sorted(folder.rglob("*")):
+        if p.is_file() and p.name != MANIFEST:
+            files[p.relative_to(folder).as_posix()] = {"size": p.stat().st_size,
+                                                       "sha256": _sha256(p, fsync=True)}
+    manifest = {"version": 1, "files": files}
+    with open(folder / MANIFEST, "w") as f:
+        json.dump(manifest, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    for d in sorted((p for p in folder.rglob("*") if p.is_dir()), reverse=True):
+        _fsync(d)
+    _fsync(folder)
+    return manifest
+
+
 def finish_checkpoint(run_dir: Path, tmp: Path, final: Path, *, trainer_state: dict,
                       rng: dict[str, torch.Tensor], keep: int) -> Path:
-    """Write the trainer state last, rename the folder into place, prune to `keep`."""
+    """Write the trainer state last and the manifest, fsync, rename the folder into place,
+    prune to `keep`."""
     save_file({k: v.contiguous() for k, v in rng.items()}, str(tmp / "trainer.safetensors"))
     (tmp / "trainer.json").write_text(json.dumps(trainer_state, indent=2))
+    write_manifest(tmp)
     if final.exists():
         shutil.rmtree(final)
     tmp.rename(final)  # atomic on one filesystem
+    _fsync(final.parent)
     for old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -96,18 +148,74 @@ def save_checkpoint(run_dir: Path, step: int, *, model, optimizer, trainer_state
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
-    """Complete checkpoints of a run, oldest first."""
+    """Checkpoints of a run (renamed into place: complete when written), oldest first."""
     root = Path(run_dir) / "checkpoints"
     if not root.is_dir():
         return []
-    done = [p for p in root.iterdir()
-            if p.is_dir() and p.name.startswith(STEP_PREFIX) and (p / "trainer.json").is_file()]
+    done = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(STEP_PREFIX)
+            and p.name[len(STEP_PREFIX):].isdigit()
+            and ((p / "trainer.json").is_file() or (p / MANIFEST).is_file())]
     return sorted(done, key=lambda p: int(p.name[len(STEP_PREFIX):]))
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
     ckpts = list_checkpoints(run_dir)
     return ckpts[-1] if ckpts else None
+
+
+def damage(ckpt: Path) -> str | None:
+    """None if checkpoint `ckpt` is whole, else what is wrong, naming the file. With a
+    manifest: every file it lists is present, of its size and sha256. Without one (written
+    before manifests existed): trainer.json is there and every JSON and safetensors file
+    parses."""
+    ckpt = Path(ckpt)
+    if (ckpt / MANIFEST).is_file():
+        try:
+            files = read_json(ckpt / MANIFEST)["files"]
+            entries = [(rel, int(e["size"]), str(e["sha256"])) for rel, e in files.items()]
+        except (ModelFileError, KeyError, TypeError, ValueError, AttributeError) as e:
+            return f"{ckpt / MANIFEST}: unreadable manifest ({e})"
+        for rel, size, _ in entries:
+            path = ckpt / rel
+            if Path(rel).is_absolute() or ".." in Path(rel).parts:
+                return f"{ckpt / MANIFEST}: a file outside the checkpoint ({rel})"
+            if not path.is_file():
+                return f"{path}: missing"
+            if path.stat().st_size != size:
+                return f"{path}: {path.stat().st_size} bytes, {size} when written"
+        for rel, _, sha in entries:  # sizes first: a truncated file is found without hashing
+            if _sha256(ckpt / rel) != sha:
+                return f"{ckpt / rel}: content differs from when it was written (sha256)"
+        return None
+    if not (ckpt / "trainer.json").is_file():
+        return f"{ckpt / 'trainer.json'}: missing"
+    for path in sorted(ckpt.rglob("*")):
+        try:
+            if path.suffix == ".json" and path.is_file():
+                read_json(path)
+            elif path.suffix == ".safetensors" and path.is_file():
+                check_safetensors(path)
+        except ModelFileError as e:
+            return str(e)
+    return None
+
+
+def latest_valid_checkpoint(run_dir: Path) -> Path | None:
+    """The newest undamaged checkpoint of a run (None if it has none); each damaged newer one
+    is logged with the file at fault. ValueError if every checkpoint is damaged (starting over
+    would overwrite them: `--resume none` does that on purpose)."""
+    ckpts = list_checkpoints(run_dir)
+    first = None
+    for ckpt in reversed(ckpts):
+        why = damage(ckpt)
+        if why is None:
+            return ckpt
+        first = first or why
+        log.warning("checkpoint %s is damaged: %s; trying the one before it", ckpt.name, why)
+    if ckpts:
+        raise ValueError(f"every checkpoint in {Path(run_dir) / 'checkpoints'} is damaged "
+                         f"(the newest: {first}); --resume none starts over")
+    return None
 
 
 def load_trainer_files(ckpt: Path) -> tuple[dict, dict[str, torch.Tensor], dict, dict]:

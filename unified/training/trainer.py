@@ -46,8 +46,10 @@ from unified.training import distributed as dist_utils
 from unified.training.checkpoint import (
     begin_checkpoint,
     checkpoint_dirs,
+    damage,
     finish_checkpoint,
     latest_checkpoint,
+    latest_valid_checkpoint,
     load_trainer_files,
     optimizer_from_flat,
     save_checkpoint,
@@ -56,6 +58,7 @@ from unified.training.malloc import keep_freed_memory
 from vaes import image_vae as iv
 from vaes.text_vae import TextVAE
 from vaes.tokenizer import load_tokenizer, train_tokenizer
+from vaes.weights import load_part
 
 log = logging.getLogger("cola.train")
 
@@ -143,7 +146,7 @@ class Trainer:
 
             self.ema = ModelEmaV3(self.model.prior, decay=self.tcfg.ema_decay, use_warmup=True)
             if ckpt is not None:
-                ema = DiT.from_pretrained(ckpt / "ema_prior", low_cpu_mem_usage=False)
+                ema = load_part(DiT, ckpt / "ema_prior")
                 self.ema.module.load_state_dict(ema.state_dict())
         if self.tcfg.compile:
             if self.stage != 2 or self.fsdp:
@@ -178,15 +181,19 @@ class Trainer:
 
     # ----------------------------------------------------------------- construction
     def _find_resume(self, resume) -> Path | None:
-        """'auto' (or True): the newest complete checkpoint of this run, if any; 'none' (or
-        False): start over; a path: that checkpoint."""
+        """'auto' (or True): the newest undamaged checkpoint of this run, if any (a damaged
+        newer one is logged and skipped); 'none' (or False): start over; a path: that
+        checkpoint, which must be undamaged."""
         if resume in (True, "auto"):
-            return latest_checkpoint(self.out)
+            return latest_valid_checkpoint(self.out)
         if resume in (False, "none", None):
             return None
         path = Path(resume)
         if not (path / "trainer.json").is_file():
             raise FileNotFoundError(f"{path} is not a complete checkpoint (no trainer.json)")
+        why = damage(path)
+        if why is not None:
+            raise ValueError(f"checkpoint {path} is damaged: {why}")
         return path
 
     def _tokenizer(self, init):
@@ -226,7 +233,7 @@ class Trainer:
                 model = ColaModel.from_pretrained(ckpt / "model")
             self._configure(model)
             if self.stage == 2:
-                ref = TextVAE.from_pretrained(ckpt / "ref_vae", low_cpu_mem_usage=False)
+                ref = load_part(TextVAE, ckpt / "ref_vae")
                 model.ref_vae = ref.requires_grad_(False).eval()
             return model
         tok = self._tokenizer(init)
