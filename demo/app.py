@@ -30,6 +30,7 @@ from demo.components import ImageUpload, Knob, WholeNumber
 from demo.errors import ReadableBlocks, exception_handlers
 from demo.examples import DemoExamples, load_examples
 from demo.handlers import Handlers
+from tasks import image_to_text
 from unified.apps.pipeline import UnifiedPipeline
 from unified.generate import GenerationConfig, ImageGenerationConfig
 
@@ -61,7 +62,7 @@ class Defaults:
     text_guidance: float = GenerationConfig.guidance
     image_steps: int = ImageGenerationConfig.steps
     image_guidance: float = ImageGenerationConfig.guidance
-    max_new_tokens: int = 48
+    max_new_tokens: int = image_to_text.MAX_NEW_TOKENS
     frames: int = 8
     candidates: int = 1  # captions sampled and reranked (1 = plain)
 

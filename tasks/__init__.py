@@ -1,5 +1,8 @@
-"""Tasks: one module per task (text_to_text, image_to_text, text_to_image), a registry, and the
-mixture that turns image-text records into a stream of task samples by ratio.
+"""Tasks: one module per task (text_to_text, image_to_text, text_to_image), each the same shape:
+`NAME`, the layout `recipe(prompt)` (SegmentSpecs placed by unified.layout.place), decoding
+(`stream` / `generate`) and the task's metric beside it; the registry of them all; and the
+mixture that turns image-text records into a stream of task samples by ratio. Synthetic worlds
+with exact evaluators live in subpackages of their own (tasks/shapes, tasks/textworld).
 
 The trainer is task-agnostic: `cola train` (the composition root) hands it a `TaskMixture`,
 which it asks for example texts (to train the tokenizer) and for task samples.
@@ -10,13 +13,16 @@ from __future__ import annotations
 import random
 from collections.abc import Iterator
 
+from tasks import image_to_text, text_to_image, text_to_text
 from tasks.base import SampleContext
 from tasks.image_to_text import INSTRUCTION, ImageToText
 from tasks.text_to_image import TextToImage
 from unified.config import ColaConfig
 from unified.data.streams import SkipCounter, TaskSample, image_text_samples, mix_streams
 
-# tasks trained on image-text records (text-to-text trains on packed prose rows)
+# every task, by name
+REGISTRY = {m.NAME: m for m in (text_to_text, image_to_text, text_to_image)}
+# the tasks trained on image-text records (text-to-text trains on packed prose rows)
 TASKS = {t.name: t for t in (ImageToText(), TextToImage())}
 
 

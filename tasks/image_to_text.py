@@ -19,6 +19,7 @@ from vaes.tokenizer import encode_piece
 
 NAME = "image_to_text"
 INSTRUCTION = "describe the image."
+MAX_NEW_TOKENS = 48  # the default budget of a caption or an answer (a shapes caption fits)
 CONDITION = [SegmentSpec(SEG_P, MODALITY_TEXT, 0, blocks=ONE_BLOCK, droppable=True),
              SegmentSpec(SEG_I, MODALITY_IMAGE, 0, blocks=ONE_BLOCK, join_previous=True,
                          droppable=True)]

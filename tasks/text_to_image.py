@@ -18,6 +18,11 @@ CONDITION = [SegmentSpec(SEG_C, MODALITY_TEXT, 0, droppable=True)]
 RECIPE = [*CONDITION, SegmentSpec(SEG_I, MODALITY_IMAGE, 0, target=True, blocks=ONE_BLOCK)]
 
 
+def recipe(prompt: int = 0) -> list[SegmentSpec]:
+    """[C][I]: the caption a condition, the image the target (no text prompt to split)."""
+    return RECIPE
+
+
 class TextToImage:
     name = NAME
 

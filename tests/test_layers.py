@@ -89,3 +89,18 @@ def test_the_checker_sees_an_upward_import(tmp_path, monkeypatch):
     found = imports_of(fake / "bad.py")
     assert (2, "tasks.text_to_image") in found
     assert layer("tasks.text_to_image") not in ALLOWED[layer("unified.bad")]
+
+
+def test_every_task_has_the_same_shape():
+    """Every task is in the registry with a name, a layout recipe with one target segment,
+    and a way to decode; the image-text ones also turn records into training samples."""
+    from tasks import REGISTRY, TASKS
+
+    assert set(REGISTRY) == {"text_to_text", "image_to_text", "text_to_image"}
+    for name, task in REGISTRY.items():
+        assert task.NAME == name
+        specs = task.recipe(1)
+        assert sum(s.target for s in specs) == 1
+        assert callable(getattr(task, "stream", None) or getattr(task, "generate", None))
+    assert set(TASKS) <= set(REGISTRY)
+    assert all(callable(t.training_sample) for t in TASKS.values())

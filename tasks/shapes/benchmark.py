@@ -91,7 +91,7 @@ def evaluate_shapes(model: ColaModel, data: str | Path, n: int = 500, batch: int
     `rerank` = K > 1 also the captions chosen among K samples by the text-to-image scorer
     (`caption_rerank_*`), beside the plain first samples (`caption_*`); the questions of the
     first `questions` scenes (0: none)."""
-    text_gen = text_gen or GenerationConfig(max_new_tokens=48, steps=8, guidance=2.0)
+    text_gen = text_gen or GenerationConfig(max_new_tokens=image_to_text.MAX_NEW_TOKENS)
     image_gen = image_gen or ImageGenerationConfig()
     images, scenes, heldout = load_scenes(data, n, model.image_size)
     dev = model.vae.device

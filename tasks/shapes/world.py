@@ -60,6 +60,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from tasks.seeds import EVAL_SEED_BASE, TRAIN_SEED_LIMIT, eval_seed, is_eval_seed  # noqa: F401 (re-exported)
 from unified.data.shards import write_image_text_shards
 
 # ----------------------------------------------------------------------------- vocabulary
@@ -106,25 +107,6 @@ ALL_COMBOS: tuple[tuple[str, str, str], ...] = tuple(itertools.product(SHAPES, C
 TRAIN_COMBOS: tuple[tuple[str, str, str], ...] = tuple(c for c in ALL_COMBOS if c not in HELDOUT_COMBOS)
 HELDOUT_COMBO_LIST: tuple[tuple[str, str, str], ...] = tuple(c for c in ALL_COMBOS if c in HELDOUT_COMBOS)
 SPLITS: tuple[str, ...] = ("train", "heldout", "any")
-
-#: Seed convention: training data uses seeds in [0, EVAL_SEED_BASE), evaluation data seeds
-#: >= EVAL_SEED_BASE (use :func:`eval_seed`), so no evaluation scene is drawn from a training
-#: random stream.
-EVAL_SEED_BASE = 10**9
-TRAIN_SEED_LIMIT = EVAL_SEED_BASE
-
-
-def eval_seed(seed: int = 0) -> int:
-    """The evaluation seed paired with ``seed`` (``EVAL_SEED_BASE + seed``)."""
-    if not 0 <= seed < EVAL_SEED_BASE:
-        raise ValueError(f"seed must be in [0, {EVAL_SEED_BASE}), got {seed}")
-    return EVAL_SEED_BASE + seed
-
-
-def is_eval_seed(seed: int) -> bool:
-    """True for seeds reserved for evaluation data (``>= EVAL_SEED_BASE``)."""
-    return seed >= EVAL_SEED_BASE
-
 
 # ----------------------------------------------------------------------------- scenes
 

@@ -31,8 +31,9 @@ from pathlib import Path
 
 import numpy as np
 
+from tasks.seeds import EVAL_SEED_BASE, eval_seed, is_eval_seed  # noqa: F401 (re-exported)
+
 TASKS = ("recall", "addition", "sorting", "latin")
-EVAL_SEED_BASE = 10**9
 
 # recall: short, common nouns (one or two tokens in most BPE vocabularies), all distinct
 NAMES = (
@@ -46,17 +47,6 @@ ADD_DIGITS = (2, 5)  # operand lengths drawn in this range (inclusive)
 SORT_LEN = (5, 8)
 LATIN_BLANKS = (6, 10)  # blank cells of a Latin square (fewer when uniqueness stops earlier)
 LATIN_N = 4
-
-
-def eval_seed(seed: int = 0) -> int:
-    """The evaluation seed paired with training seed ``seed`` (``EVAL_SEED_BASE + seed``)."""
-    if not 0 <= seed < EVAL_SEED_BASE:
-        raise ValueError(f"seed must be in [0, {EVAL_SEED_BASE}), got {seed}")
-    return EVAL_SEED_BASE + seed
-
-
-def is_eval_seed(seed: int) -> bool:
-    return seed >= EVAL_SEED_BASE
 
 
 @dataclass(frozen=True)

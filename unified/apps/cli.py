@@ -197,12 +197,14 @@ def cmd_eval(args) -> None:
         if model.image_vae is None:
             raise UserError(f"{args.checkpoint} has no image side: `cola eval shapes` needs a "
                             "unified model")
+        from tasks import image_to_text
         from tasks.shapes.benchmark import evaluate_shapes
         from unified.generate import GenerationConfig, ImageGenerationConfig
 
         report.update(evaluate_shapes(
             model, args.shapes_data, n=args.n,
-            text_gen=GenerationConfig(max_new_tokens=min(48, model.vae.config.max_len - 1),
+            text_gen=GenerationConfig(max_new_tokens=min(image_to_text.MAX_NEW_TOKENS,
+                                                     model.vae.config.max_len - 1),
                                       steps=args.steps,
                                       guidance=args.text_guidance),
             image_gen=ImageGenerationConfig(steps=args.image_steps, guidance=args.image_guidance),

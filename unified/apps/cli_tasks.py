@@ -204,6 +204,7 @@ def _sampling_args(s: argparse.ArgumentParser, steps: int, guidance: float, text
 
 def add_parsers(sub) -> None:
     """Register generate, caption, imagine, demo and serve on the `cola` subparsers."""
+    from tasks import image_to_text
     from unified.generate import GenerationConfig, ImageGenerationConfig
 
     d, di = GenerationConfig(), ImageGenerationConfig()
@@ -220,7 +221,7 @@ def add_parsers(sub) -> None:
     s.add_argument("--question", help='e.g. "how many objects are there?"')
     s.add_argument("--prefix", default="", help="the start of the caption, to be continued")
     _sampling_args(s, d.steps, d.guidance, text=True)
-    s.add_argument("--max-new-tokens", type=int, default=48)
+    s.add_argument("--max-new-tokens", type=int, default=image_to_text.MAX_NEW_TOKENS)
     s.add_argument("--candidates", type=int, default=1, metavar="K",
                    help="sample K captions and keep the one the model best redraws the image "
                         "from (analysis by synthesis; about K times slower)")

@@ -24,6 +24,7 @@ import torch
 from diffusers import DiffusionPipeline
 from PIL import Image
 
+from tasks import image_to_text, text_to_image, text_to_text
 from unified.apps import inputs
 from unified.apps.inputs import MAX_IMAGE_SIDE, MAX_PROMPT_CHARS, open_image
 from unified.generate import BlockOutput, GenerationConfig, ImageGenerationConfig
@@ -158,8 +159,6 @@ class UnifiedPipeline(DiffusionPipeline):
         """Continue a prompt (or a list of prompts) block by block; `stream=True` yields a
         BlockOutput per block instead of the final TextResult. `seed`: one for every prompt,
         or a list of one per prompt."""
-        from tasks import text_to_text
-
         prompts = inputs.texts("prompt", prompt)
         seed, seeds = row_seeds(seed, len(prompts))
         gen = GenerationConfig(**inputs.knobs(
@@ -169,7 +168,7 @@ class UnifiedPipeline(DiffusionPipeline):
         return it if stream else _finish_text(it)
 
     def caption(self, image, *, question: str | None = None, prefix: str = "",
-                max_new_tokens: int = 48, steps: int = _TEXT.steps,
+                max_new_tokens: int = image_to_text.MAX_NEW_TOKENS, steps: int = _TEXT.steps,
                 guidance: float = _TEXT.guidance, shift: float = _TEXT.shift,
                 temperature: float = 0.0, seed: int = 0, method: str = "euler",
                 rerank: int = 0, stream: bool = False) -> TextResult | Iterator[BlockOutput]:
@@ -178,8 +177,6 @@ class UnifiedPipeline(DiffusionPipeline):
         samples K captions (seeds seed .. seed+K-1) and keeps the one the same prior's
         text-to-image direction explains best (tasks.image_to_text.answer); it costs about K
         times the prior calls and cannot stream."""
-        from tasks import image_to_text
-
         self._need_images()
         images = image if isinstance(image, list) else [image]
         inputs.batch("images", len(images))
@@ -209,8 +206,6 @@ class UnifiedPipeline(DiffusionPipeline):
         """Draw an image for a prompt (or one per prompt of a list; `seed`: one for every
         prompt, or one per prompt). `trajectory` > 0 also returns that many intermediate
         decodes of the data estimate, noise to image."""
-        from tasks import text_to_image
-
         self._need_images()
         prompts = inputs.texts("prompt", prompt)
         seed, seeds = row_seeds(seed, len(prompts))

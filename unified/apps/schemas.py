@@ -19,6 +19,7 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict
 
 from prior.flow import SAMPLERS, check_int, check_real
+from tasks import image_to_text
 from unified.apps.batcher import Job
 from unified.apps.errors import ApiError
 from unified.apps.pipeline import MAX_IMAGE_SIDE, check_prompt, prepare_image
@@ -27,7 +28,7 @@ from unified.generate import MAX_SEED, GenerationConfig, ImageGenerationConfig
 MAX_N = 16  # choices (or images) per request
 MAX_STEPS = 64  # ODE steps a request may ask for (per block for text)
 MAX_SEED_DRAWN = 2**31 - 1  # a request without a seed gets a random one below this
-TEXT_TOKENS, CAPTION_TOKENS = GenerationConfig().max_new_tokens, 48  # default budgets
+TEXT_TOKENS, CAPTION_TOKENS = GenerationConfig.max_new_tokens, image_to_text.MAX_NEW_TOKENS
 
 
 @dataclass
