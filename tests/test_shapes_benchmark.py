@@ -58,3 +58,16 @@ def test_cli_prints_the_figures(tiny_unified_checkpoint, heldout, capsys):
     for key in ("caption_exact", "image_exact", "image_vae_psnr_db", "qa_all"):
         assert f"{key}:" in out
     assert "caption_rerank" not in out
+
+
+def test_cli_eval_all_draws_missing_heldout_scenes_first(tiny_unified_checkpoint, tmp_path,
+                                                          capsys, caplog):
+    """A fresh install has no data/shapes: `cola eval all` draws the held-out scenes from
+    evaluation seeds before any evaluation runs, and reports text and shapes figures."""
+    missing = tmp_path / "no-such-folder"
+    assert main(["eval", "all", "--checkpoint", str(tiny_unified_checkpoint),
+                 "--shapes-data", str(missing), "-n", "2", "--steps", "2", "--image-steps",
+                 "2", "--rerank", "0", "--questions", "0", "--max-docs", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "token_accuracy:" in out and "caption_exact:" in out and "scenes: 2" in out
+    assert "no held-out shapes data" in caplog.text

@@ -29,6 +29,8 @@ from pathlib import Path
 
 from unified.apps.cli_tasks import DEFAULT_CHECKPOINT, UserError, add_parsers, writable_folder
 
+log = logging.getLogger("cola.cli")
+
 __all__ = ["DEFAULT_CHECKPOINT", "UserError", "build_parser", "main"]
 
 
@@ -179,6 +181,27 @@ def _load(checkpoint: str):
     return ColaModel.from_pretrained(checkpoint, device=device)
 
 
+def _shapes_heldout(args, model) -> str:
+    """The held-out shapes data: `--shapes-data` when it exists, else the same scenes
+    `cola make-shards shapes` would hold out (evaluation seeds, never training ones), drawn
+    now into a temporary folder. Resolved before any evaluation runs."""
+    if model.image_vae is None:
+        raise UserError(f"{args.checkpoint} has no image side: `cola eval shapes` needs a "
+                        "unified model")
+    if Path(args.shapes_data).exists():
+        return args.shapes_data
+    import tempfile
+
+    from tasks.shapes.world import make_shapes_shards
+
+    out = Path(tempfile.mkdtemp(prefix="cola-shapes-eval-"))
+    log.warning("no held-out shapes data at %s: drawing %d held-out scenes (difficulty %d, "
+                "evaluation seeds) into %s", args.shapes_data, args.n, args.shapes_difficulty, out)
+    make_shapes_shards(out, 0, args.n, difficulty=args.shapes_difficulty,
+                       image_size=model.image_size)
+    return str(out / "heldout")
+
+
 def cmd_eval(args) -> None:
     if args.what in ("diagnostics", "textworld"):  # Cola or baseline folders
         if args.what == "diagnostics":
@@ -189,20 +212,18 @@ def cmd_eval(args) -> None:
         return
     model = _load(args.checkpoint)
     report = {}
+    shapes_data = _shapes_heldout(args, model) if args.what in ("shapes", "all") else None
     if args.what in ("text-vae", "all"):
         from tasks.text_to_text import evaluate_text_vae
 
         report.update(evaluate_text_vae(model, args.data, max_docs=args.max_docs))
     if args.what in ("shapes", "all"):
-        if model.image_vae is None:
-            raise UserError(f"{args.checkpoint} has no image side: `cola eval shapes` needs a "
-                            "unified model")
         from tasks import image_to_text
         from tasks.shapes.benchmark import evaluate_shapes
         from unified.generate import GenerationConfig, ImageGenerationConfig
 
         report.update(evaluate_shapes(
-            model, args.shapes_data, n=args.n,
+            model, shapes_data, n=args.n,
             text_gen=GenerationConfig(max_new_tokens=min(image_to_text.MAX_NEW_TOKENS,
                                                      model.vae.config.max_len - 1),
                                       steps=args.steps,
@@ -316,6 +337,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-docs", type=int, default=500)
     s.add_argument("--shapes-data", default="data/shapes/heldout",
                    help="held-out shapes shards (cola make-shards shapes)")
+    s.add_argument("--shapes-difficulty", type=int, default=2,
+                   help="shapes: objects per scene of the held-out scenes drawn when "
+                        "--shapes-data does not exist (the bundled model's recipe: 2)")
     s.add_argument("-n", type=int, default=500, help="shapes / textworld: scenes / problems")
     s.add_argument("--steps", type=int, default=GenerationConfig.steps,
                    help="ODE steps per text block (shapes captions, textworld, diagnostics)")
