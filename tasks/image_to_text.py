@@ -86,8 +86,9 @@ class Answers:
 
 def answer(model: ColaModel, images: torch.Tensor, questions: list[str | None] | None = None,
            prefixes: list[str] | None = None, gen: GenerationConfig | None = None, *,
-           use_cache: bool = True, rerank: int = 0) -> Answers:
-    """The answers (prefix included) for a batch of images [B, 3, H, W] in [-1, 1].
+           use_cache: bool = True, rerank: int = 0, seeds: list[int] | None = None) -> Answers:
+    """The answers (prefix included) for a batch of images [B, 3, H, W] in [-1, 1]; `seeds`:
+    one per image (default gen.seed for every image).
 
     `rerank` = K > 1: sample K captions per image (seeds seed .. seed + K - 1) and keep the
     one under which the same prior best explains the image, i.e. with the lowest
@@ -103,7 +104,8 @@ def answer(model: ColaModel, images: torch.Tensor, questions: list[str | None] |
     samples, nfe = [], 0
     for k in range(max(1, rerank)):
         g = dataclasses.replace(gen, seed=gen.seed + k)
-        *_, last = engine.stream(prefixes, g, use_cache, conditions=rows)
+        row_seeds = None if seeds is None else [s + k for s in seeds]
+        *_, last = engine.stream(prefixes, g, use_cache, conditions=rows, seeds=row_seeds)
         samples.append([(p + t) for p, t in zip(prefixes, last.texts)])
         nfe += last.nfe
     best = samples[0]
@@ -121,10 +123,11 @@ def answer(model: ColaModel, images: torch.Tensor, questions: list[str | None] |
 
 def generate(model: ColaModel, images: torch.Tensor, questions: list[str | None] | None = None,
              prefixes: list[str] | None = None, gen: GenerationConfig | None = None, *,
-             use_cache: bool = True, rerank: int = 0) -> list[str]:
+             use_cache: bool = True, rerank: int = 0, seeds: list[int] | None = None
+             ) -> list[str]:
     """The answer texts of `answer`."""
     return answer(model, images, questions, prefixes, gen, use_cache=use_cache,
-                  rerank=rerank).texts
+                  rerank=rerank, seeds=seeds).texts
 
 
 @torch.no_grad()

@@ -5,13 +5,13 @@ an instruction and an image, a caption, a text prompt's whole blocks), then a ta
 either text (blocks of `block_size` latents until EOS or the budget) or an image (one
 bidirectional block).
 
-Fast path (`use_cache=True`, `_CachedPrior`): the condition prefix is encoded once into the
-DiT's KV cache; each new block is integrated from noise against that cache, the conditional and
-unconditional CFG branches batched as rows of ONE forward per step (fused CFG); a finished text
-block is decoded by the VAE decoder against its own cache and committed to the DiT cache (its
-K/V at t = 0) inside the next block's first step: one call fewer per block. A text prompt that
-does not end on a block boundary puts its trailing tokens into the first generated block,
-pinned at t = 0 ("clean repaint").
+Fast path (`use_cache=True`, `_CachedPrior` in unified/prior_session.py): the condition prefix
+is encoded once into the DiT's KV cache; each new block is integrated from noise against that
+cache, the conditional and unconditional CFG branches batched as rows of ONE forward per step
+(fused CFG); a finished text block is decoded by the VAE decoder against its own cache and
+committed to the DiT cache (its K/V at t = 0) inside the next block's first step: one call
+fewer per block. A text prompt that does not end on a block boundary puts its trailing tokens
+into the first generated block, pinned at t = 0 ("clean repaint").
 
 Slow reference path (`use_cache=False`, `_ReferencePrior`): every step re-runs the whole
 sequence through the DiT with the training Layout's attention rule, and decoding re-runs the
@@ -28,7 +28,6 @@ import torch
 
 from prior.flow import (
     SamplerConfig,
-    cfg_combine,
     check_int,
     check_real,
     integrate,
@@ -39,16 +38,14 @@ from unified.layout import (
     MODALITY_IMAGE,
     MODALITY_TEXT,
     SEG_N,
-    Layout,
     Segment,
-    append_block,
-    condition_layout,
     image_positions,
     next_position,
     split_prompt,
     text_positions,
 )
 from unified.model import ColaModel
+from unified.prior_session import open_session
 
 MAX_SEED = 2**63 - 2  # the token generator is seeded with seed + 1
 
@@ -160,114 +157,6 @@ def sample_tokens(logits: torch.Tensor, temperature: float, top_k: int, top_p: f
     probs = logits.softmax(-1)
     flat = torch.multinomial(probs.reshape(-1, probs.shape[-1]), 1, generator=generator)
     return flat.view(probs.shape[:-1])
-
-
-# --------------------------------------------------------------------------------------------
-# the prior, fast and slow
-
-
-class _CachedPrior:
-    """KV-cached prior state. Rows [0, B) are the conditional branch; the unconditional branch
-    follows as rows [B, B + U) for the U rows whose condition has a droppable part. A row
-    without one (e.g. a prompt shorter than a block) would compute exactly its conditional
-    output again, so it gets no unconditional row: its CFG combination is its conditional
-    velocity."""
-
-    def __init__(self, prior, prefix: Layout, guidance: float):
-        self.prior, self.guidance = prior, guidance
-        self.nfe = 0
-        self.cache = prior.new_cache()
-        self.pending: tuple | None = None  # a finished block awaiting its commit pass
-        valid = prefix.valid
-        droppable = (valid & prefix.droppable).any(1)  # [B]
-        self.uncond = droppable.nonzero()[:, 0] if guidance != 1.0 else droppable.new_zeros(
-            0, dtype=torch.long)
-        u = self.uncond
-        self.key_valid = torch.cat([valid, (valid & ~prefix.droppable)[u]])
-        if prefix.z.shape[1]:
-            masks = [prefix.with_dropped(False).attention_mask()]
-            if len(u):
-                masks.append(prefix.with_dropped(True).attention_mask()[u])
-            prior(self._rows(prefix.z), self._rows(prefix.t), self._rows(prefix.modality),
-                  self._rows(prefix.positions), torch.cat(masks), cache=self.cache, commit=True)
-            self.nfe += 1
-
-    def _rows(self, x: torch.Tensor) -> torch.Tensor:
-        """[B, ...] -> [B + U, ...]: the conditional rows, then the unconditional ones."""
-        return torch.cat([x, x[self.uncond]]) if len(self.uncond) else x
-
-    def _mask(self, n_pending: int, n_new: int) -> torch.Tensor:
-        """Keys: the cache (valid per row) + [the pending clean block] + the noisy block. The
-        pending block's rows see the cache and themselves; the noisy rows see everything."""
-        rb, dev = self.key_valid.shape[0], self.key_valid.device
-        n = n_pending + n_new
-        cache = self.key_valid[:, None, :].expand(rb, n, -1)
-        new = torch.ones(rb, n, n, dtype=torch.bool, device=dev)
-        new[:, :n_pending, n_pending:] = False  # the clean block never sees the noisy one
-        return torch.cat([cache, new], 2)
-
-    def velocity(self, z, t, modality, pos):
-        """One fused call for both CFG branches; the pending commit pass rides along."""
-        b = z.shape[0]
-        n_p = 0
-        if self.pending is not None:
-            zp, mp, pp = self.pending
-            n_p = zp.shape[1]
-            z = torch.cat([zp, z], 1)
-            t = torch.cat([torch.zeros(zp.shape[:2], device=zp.device), t], 1)
-            modality, pos = torch.cat([mp, modality], 1), torch.cat([pp, pos], 1)
-        v = self.prior(self._rows(z), self._rows(t), self._rows(modality), self._rows(pos),
-                       self._mask(n_p, z.shape[1] - n_p), cache=self.cache,
-                       commit=n_p if n_p else False)[:, n_p:].float()
-        self.nfe += 1
-        if n_p:
-            self.pending = None
-            self.key_valid = torch.cat([self.key_valid, torch.ones(
-                self.key_valid.shape[0], n_p, dtype=torch.bool, device=z.device)], 1)
-        if not len(self.uncond):
-            return v
-        v_cond, v_uncond = v[:b], v[:b].clone()
-        v_uncond[self.uncond] = v[b:]
-        return cfg_combine(v_cond, v_uncond, self.guidance)
-
-    def commit(self, z, modality, pos) -> None:
-        """A finished block joins the history (its K/V are computed in the next call)."""
-        self.pending = (z, modality, pos)
-
-
-class _ReferencePrior:
-    """No cache: every call re-runs [clean history | noisy block] as one Layout (the training
-    attention rule), one call per CFG branch."""
-
-    def __init__(self, prior, prefix: Layout, guidance: float):
-        self.prior, self.guidance = prior, guidance
-        self.branches = 1 if guidance == 1.0 else 2
-        self.nfe = 0
-        self.hist = prefix  # grows by one block per commit
-
-    def velocity(self, z, t, modality, pos):
-        outs = []
-        noisy = append_block(self.hist, z, t, modality, pos, noisy=True)
-        for dropped in (False, True)[: self.branches]:
-            lay = noisy.with_dropped(dropped)
-            v = self.prior(lay.z, lay.t, lay.modality, lay.positions, lay.attention_mask())
-            outs.append(v[:, -z.shape[1]:].float())
-            self.nfe += 1
-        return outs[0] if len(outs) == 1 else cfg_combine(outs[0], outs[1], self.guidance)
-
-    def commit(self, z, modality, pos) -> None:
-        self.hist = append_block(self.hist, z, torch.zeros(z.shape[:2], device=z.device),
-                                 modality, pos, noisy=False)
-
-
-def open_session(prior, conditions: list[list[Segment]], block_size: int, guidance: float,
-                 use_cache: bool = True):
-    """The prior's state for generating after each row's placed condition segments (prefix
-    laid out by `condition_layout`, as training lays out its history): `velocity(z, t,
-    modality, positions)` of a new block, then `commit(...)` of the finished block."""
-    dev = next(prior.parameters()).device
-    prefix = condition_layout(conditions, block_size, prior.latent_width, dev)
-    return (_CachedPrior if use_cache else _ReferencePrior)(prior, prefix, guidance)
 
 
 # --------------------------------------------------------------------------------------------

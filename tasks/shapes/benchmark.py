@@ -63,6 +63,14 @@ def _split(scores: list[dict], heldout: list[bool], prefix: str) -> dict:
     return out
 
 
+def item_seeds(seed: int, start: int, n: int) -> list[int]:
+    """One seed per evaluated item (seed + its index): every item draws its own noise, so the
+    items are independent samples and a figure does not depend on the batch size. With
+    `rerank` K, item i uses seeds seed + i .. seed + i + K - 1; they may overlap a neighbour's,
+    which only correlates two items' candidate sets."""
+    return [seed + start + j for j in range(n)]
+
+
 @torch.no_grad()
 def evaluate_questions(model: ColaModel, images: torch.Tensor, scenes: list[Scene],
                        gen: GenerationConfig, batch: int = 50) -> dict:
@@ -73,7 +81,8 @@ def evaluate_questions(model: ColaModel, images: torch.Tensor, scenes: list[Scen
     for k in range(0, len(asked), batch):
         part = asked[k:k + batch]
         x = images[[i for i, _, _ in part]].to(model.vae.device)
-        answers = image_to_text.generate(model, x, [q for _, q, _ in part], gen=gen)
+        answers = image_to_text.generate(model, x, [q for _, q, _ in part], gen=gen,
+                                         seeds=item_seeds(gen.seed, k, len(part)))
         for (_, q, a), got in zip(part, answers):
             right[question_kind(q)].append(score_answer(got, a))
     report = {f"qa_{kind}": sum(v) / len(v) for kind, v in sorted(right.items())}
@@ -102,14 +111,17 @@ def evaluate_shapes(model: ColaModel, data: str | Path, n: int = 500, batch: int
     for i in range(0, len(scenes), batch):
         x, sc = images[i:i + batch].to(dev), scenes[i:i + batch]
         t0 = time.perf_counter()
-        caps = image_to_text.generate(model, x, gen=text_gen)
+        caps = image_to_text.generate(model, x, gen=text_gen,
+                                      seeds=item_seeds(text_gen.seed, i, len(sc)))
         t1 = time.perf_counter()
         if rerank > 1:
-            best = image_to_text.generate(model, x, gen=text_gen, rerank=rerank)
+            best = image_to_text.generate(model, x, gen=text_gen, rerank=rerank,
+                                          seeds=item_seeds(text_gen.seed, i, len(sc)))
             rerank_scores += [score_caption(c, s) for c, s in zip(best, sc)]
             t_rerank += time.perf_counter() - t1
             t1 = time.perf_counter()
-        out = text_to_image.generate(model, [caption(s) for s in sc], image_gen)
+        out = text_to_image.generate(model, [caption(s) for s in sc], image_gen,
+                                     seeds=item_seeds(image_gen.seed, i, len(sc)))
         t2 = time.perf_counter()
         t_cap, t_img = t_cap + t1 - t0, t_img + t2 - t1
         recon = model.decode_image_tokens(model.encode_images(x))
