@@ -271,7 +271,8 @@ def test_make_shapes_shards_round_trip(tmp_path):
 
 
 def test_write_image_text_shards_checks_keys(tmp_path):
-    rec = list(S.iter_records(0, 2, 1, "train"))
+    rec = [S.scene_record(S.scene_key(0, i, 1, "train"), S.scene_at(0, i, 1, "train"))
+           for i in range(2)]
     assert len(write_image_text_shards(rec, tmp_path / "ok")) == 1
     with pytest.raises(ValueError, match="duplicate"):
         write_image_text_shards([rec[0], rec[0]], tmp_path / "dup")

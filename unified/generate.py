@@ -32,6 +32,7 @@ from prior.flow import (
     check_real,
     integrate,
     interpolate,
+    predict_data,
     velocity_target,
 )
 from unified.layout import (
@@ -399,7 +400,7 @@ class ImageGenerator:
 
         def record(i, z, v, t):
             if i in keep:
-                estimates.append((float(t.flatten()[0]), z - t[..., None] * v))
+                estimates.append((float(t.flatten()[0]), predict_data(z, v, t)))
             if on_step is not None:
                 on_step(i + 1, steps)
 

@@ -55,6 +55,11 @@ PARTS = {
 }
 
 
+def default_device() -> torch.device:
+    """Where a model runs when nobody says: the GPU when there is one, else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def gaussian_kl(mean, logvar, ref_mean, ref_logvar) -> torch.Tensor:
     """KL(N(mean, e^logvar) || N(ref_mean, e^ref_logvar)) summed over the last dim."""
     return 0.5 * (ref_logvar - logvar + (logvar.exp() + (mean - ref_mean).pow(2))

@@ -426,17 +426,6 @@ def scene_record(key: str, scene: Scene, **meta: Any) -> tuple[str, Image.Image,
     return key, render(scene), text, info
 
 
-def iter_records(
-    seed: int, n: int, difficulty: int = 1, split: str = "any", *, start: int = 0, image_size: int = 32
-) -> Iterator[tuple[str, Image.Image, str, dict[str, Any]]]:
-    """:func:`iter_scenes` as shard records (see :func:`scene_record`)."""
-    for offset, (key, scene) in enumerate(
-        iter_scenes(seed, n, difficulty, split, start=start, image_size=image_size)
-    ):
-        meta = {"seed": seed, "index": start + offset, "split": split, "difficulty": difficulty}
-        yield scene_record(key, scene, **meta)
-
-
 def make_shapes_shards(
     out_dir: str | Path,
     n_train: int,

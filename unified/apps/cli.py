@@ -173,12 +173,10 @@ def cmd_export(args) -> None:
 
 
 def _load(checkpoint: str):
-    import torch
 
-    from unified.model import ColaModel
+    from unified.model import ColaModel, default_device
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    return ColaModel.from_pretrained(checkpoint, device=device)
+    return ColaModel.from_pretrained(checkpoint, device=default_device())
 
 
 def _shapes_heldout(args, model) -> str:

@@ -164,13 +164,13 @@ def command(args) -> str:
 def run(args) -> str:
     """Run the chosen parts on `args.checkpoint`; print and return the markdown report."""
     from unified.baselines import load_model
-    from unified.model import ColaModel
+    from unified.model import ColaModel, default_device
 
     if args.seeds < 2:
         raise ValueError(f"--seeds must be >= 2, got {args.seeds}")
     prompts = D.read_prompts(args.prompts) if args.prompts else list(D.DEFAULT_PROMPTS)
     seeds = list(range(args.seeds))
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = default_device()
     model = load_model(args.checkpoint, device)
     cola = isinstance(model, ColaModel)
     mdlm = getattr(model, "kind", "") == "mdlm"  # its steps can be swept; an AR has none

@@ -29,7 +29,7 @@ from unified.apps import inputs
 from unified.apps.inputs import MAX_IMAGE_SIDE, MAX_PROMPT_CHARS, open_image
 from unified.generate import BlockOutput, GenerationConfig, ImageGenerationConfig
 from unified.layout import TextLayoutConfig, TimeConfig
-from unified.model import ColaModel
+from unified.model import ColaModel, default_device
 
 __all__ = ["MAX_IMAGE_SIDE", "MAX_PROMPT_CHARS", "ImageResult", "TextResult", "UnifiedPipeline",
            "check_prompt", "open_image", "prepare_image", "to_pil"]
@@ -134,8 +134,7 @@ class UnifiedPipeline(DiffusionPipeline):
     def from_pretrained(cls, folder: str | Path, device: str | torch.device | None = None,
                         **_ignored) -> UnifiedPipeline:
         """Load a model folder (`cola export`, `cola train` .../final, `save_pretrained`)."""
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        return cls.from_model(ColaModel.from_pretrained(folder, device=device))
+        return cls.from_model(ColaModel.from_pretrained(folder, device=device or default_device()))
 
     def save_pretrained(self, folder: str | Path, **_ignored) -> None:
         self.model.save_pretrained(folder)

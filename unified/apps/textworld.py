@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import argparse
 
-import torch
-
 
 def add_arguments(s: argparse.ArgumentParser) -> None:
     """Options of `cola eval textworld` (it also uses -n, --steps and --text-guidance)."""
@@ -35,11 +33,11 @@ def run(args) -> dict:
     from tasks.textworld.evaluate import Decoding, evaluate_textworld, problems_for_eval
     from unified.baselines import load_model
     from unified.data.streams import SkipCounter
+    from unified.model import default_device
 
     if args.n < 1:
         raise ValueError(f"-n must be >= 1, got {args.n}")
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = load_model(args.checkpoint, device)
+    model = load_model(args.checkpoint, default_device())
     skips = SkipCounter("text-world shards")
     problems, source = problems_for_eval(args.textworld_data, args.n, skips=skips)
     if skips.total:

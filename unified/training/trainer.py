@@ -41,7 +41,7 @@ from unified.data.streams import (
     text_batches,
     to_device,
 )
-from unified.model import ColaModel, build_image_vae, build_prior, build_vae
+from unified.model import ColaModel, build_image_vae, build_prior, build_vae, default_device
 from unified.training import distributed as dist_utils
 from unified.training.checkpoint import (
     begin_checkpoint,
@@ -65,7 +65,7 @@ log = logging.getLogger("cola.train")
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return default_device()
     return torch.device(name)
 
 
