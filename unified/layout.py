@@ -286,8 +286,8 @@ def _select(part: dict[str, torch.Tensor], keep: torch.Tensor) -> dict[str, torc
 def stack_rows(rows: list[list[dict[str, torch.Tensor]]], dropped: list[bool], width: int,
                device: torch.device | str) -> Layout:
     """One Layout from rows of token parts (`_tokens`), one sample per row, right-padded. The
-    one place that turns parts into a Layout: training (`build_layout`) and generation
-    (`condition_layout`, `append_block`) alike."""
+    one place that turns segments into a Layout: training (`build_layout`) and the prefix of
+    generation (`condition_layout`) alike; `append_block` then extends such a Layout."""
     empty = _tokens(Segment(SEG_PAD, torch.zeros(0, width, device=device), MODALITY_TEXT,
                             torch.zeros(0, 2, dtype=torch.long, device=device), False),
                     torch.zeros(0, dtype=torch.long), width)
