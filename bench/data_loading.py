@@ -25,7 +25,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from unified.data import IMAGE_KEYS, expand_urls, image_text_samples
+from unified.data import expand_urls, image_text_samples
+from unified.records import IMAGE_KEYS
 
 
 def decode_direct(png: bytes, size: int) -> torch.Tensor:

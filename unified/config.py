@@ -90,6 +90,7 @@ class ImageConfig:
     time_loc: float = 0.0  # logit-normal training time of image tokens (loc, scale)
     time_scale: float = 1.0
     lr_mult: float = 1.0  # stage 1: image VAE learning rate multiplier
+    flip: bool = False  # training: mirror half of the images (not for captions saying "left")
 
 
 @dataclass
@@ -114,6 +115,11 @@ class DataConfig:
     pair_batch_size: int = 0  # image-text samples per step, global
     tokenizer_docs: int = 20000  # documents used to train the BPE in stage 1
     shuffle_buffer: int = 1000  # samples mixed across drawn shards (a shard reads in order)
+    # train / pairs may also be a table {source: ratio} of several shard sources, mixed by ratio
+    caption_key: str = ""  # "" = the caption is KEY.txt; else this key of KEY.json
+    long_captions: str = "truncate"  # a caption longer than fits: "truncate" or "skip"
+    max_bad_samples: int = 1000  # unusable samples in a row before a stream stops the run
+    workers: int = 0  # DataLoader processes decoding the images of this rank's slices
 
 
 @dataclass
