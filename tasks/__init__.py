@@ -78,6 +78,8 @@ class TaskMixture:
         records = image_text_records(self.cfg.data.pairs, resample=False, skips=skips,
                                      same_on_all_ranks=True, caption_key=self.cfg.data.caption_key)
         for _, rec in zip(range(n), records):
+            if skips is not None:
+                skips.ok()
             out.append(rec["caption"])
             scene = shapes_scene(rec.get("meta")) if self.cfg.tasks.question_prob > 0 else None
             if scene is not None:

@@ -197,12 +197,19 @@ class Trainer:
         if init is not None:
             return load_tokenizer(Path(init) / "tokenizer")
         tok_dir = self.out / "tokenizer"
-        if not self.dist.is_main:  # rank 0 trains (or finds) it; the others load its file
-            dist_utils.barrier(self.dist)
-            return load_tokenizer(tok_dir)
-        if (tok_dir / "tokenizer.json").is_file():
-            dist_utils.barrier(self.dist)
-            return load_tokenizer(tok_dir)
+        error = None
+        if self.dist.is_main and not (tok_dir / "tokenizer.json").is_file():
+            try:  # rank 0 trains it; the others load its file
+                self._train_tokenizer(tok_dir)
+            except ValueError as e:  # e.g. DataError: no usable text; every rank must stop
+                error = e
+        failed = dist_utils.sum_across_ranks(
+            torch.tensor([1.0 if error else 0.0], device=self.device), self.dist)
+        if failed.item() > 0:
+            raise error or DataError("rank 0 could not train the tokenizer (see its log)")
+        return load_tokenizer(tok_dir)
+
+    def _train_tokenizer(self, tok_dir: Path) -> None:
         from unified.data import text_samples
 
         n = self.cfg.data.tokenizer_docs
@@ -213,10 +220,7 @@ class Trainer:
         if self.tasks is not None:  # captions, instructions, questions
             texts += self.tasks.texts(n, self.skips["pairs"])
         log.info("training a %d-token BPE on %d documents", self.cfg.vae.vocab_size, len(texts))
-        tok = train_tokenizer(texts, vocab_size=self.cfg.vae.vocab_size)
-        tok.save_pretrained(tok_dir)
-        dist_utils.barrier(self.dist)
-        return tok
+        train_tokenizer(texts, vocab_size=self.cfg.vae.vocab_size).save_pretrained(tok_dir)
 
     def _build_model(self, init, ckpt) -> ColaModel:
         if self.cfg.model.kind != "cola":
@@ -280,6 +284,10 @@ class Trainer:
                               Slicing(rows=self.data.batch_size, pairs=self.data.pair_batch_size))
         batches = [stream.cut(pos, b)[0]  # the whole global batch, every image decoded
                    for pos, b in zip(range(n_batches), stream.global_batches())]
+        for b in batches:  # placeholders of undecodable images are not data
+            if "pairs" in b:
+                keep = torch.tensor(b["pairs"]["valid"], dtype=torch.bool)
+                b["pairs"]["images"] = b["pairs"]["images"][keep]
         if not vae.has_latent_stats:
             shift, scale = vae.measure_latent_stats(ColaModel._text_rows(b) for b in batches)
             vae.set_latent_stats(shift, scale)
@@ -287,7 +295,8 @@ class Trainer:
                      shift.abs().mean().item(), scale.mean().item())
         if model.image_vae is not None and model.image_vae.config.latents_mean is None:
             mean, std = iv.measure_latent_stats(model.image_vae,
-                                                (b["pairs"]["images"] for b in batches))
+                                                (b["pairs"]["images"] for b in batches
+                                                 if len(b["pairs"]["images"])))
             iv.set_latent_stats(model.image_vae, mean, std)
             log.info("image latent stats: mean %s, std %s", [round(float(x), 3) for x in mean],
                      [round(float(x), 3) for x in std])
@@ -579,7 +588,10 @@ class Trainer:
                     if images:
                         rec["images_per_s"] = images / dt
                     if self.tasks is not None:  # by all ranks, each its own slices' images
-                        rec["images_decoded"] = self.decoded
+                        fixed = self.skips["pairs"].fixed
+                        rec.update(images_decoded=self.decoded,
+                                   captions_truncated=fixed["caption truncated"],
+                                   metadata_ignored=fixed["unreadable .json metadata ignored"])
                     if main:
                         self._log(rec, metrics, writer, bar)
                     tokens = images = 0
