@@ -41,7 +41,7 @@ def _gray_to_8bit(img: Image.Image) -> Image.Image:
         top = int(arr.max()) if arr.size else 0
         scale = 1.0 if top <= 255 else 255.0 / 65535.0 if top <= 65535 else 255.0 / top
     out = np.nan_to_num(arr.astype(np.float64) * scale, nan=0.0, posinf=255.0, neginf=0.0)
-    return Image.fromarray(np.clip(np.round(out), 0, 255).astype(np.uint8), mode="L")
+    return Image.fromarray(np.clip(np.round(out), 0, 255).astype(np.uint8))  # "L"
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -71,13 +71,19 @@ def load_image(data: bytes | Image.Image, size: int | None = None) -> Image.Imag
         return to_rgb(data)
     with warnings.catch_warnings():  # sizes are checked by the caller where it matters
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        img = Image.open(io.BytesIO(data))
-        if size and img.format == "JPEG":
-            w, h = img.size
-            short = min(w, h)
-            img.draft("RGB", (max(1, w * size // short), max(1, h * size // short)))
+        img = draft(Image.open(io.BytesIO(data)), size)
         img.load()
     return to_rgb(img)
+
+
+def draft(img: Image.Image, size: int | None) -> Image.Image:
+    """An opened, not yet loaded JPEG set to decode at the smallest DCT scale (1/2, 1/4,
+    1/8) whose shorter side is still >= size; other images as they are."""
+    if size and img.format == "JPEG":
+        w, h = img.size
+        short = min(w, h)
+        img.draft("RGB", (max(1, w * size // short), max(1, h * size // short)))
+    return img
 
 
 def model_input(img: Image.Image, size: int, *, train: bool = False, seed: int = 0,

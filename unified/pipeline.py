@@ -27,6 +27,7 @@ from PIL import Image
 
 from prior.flow import check_int
 from unified.generate import BlockOutput, GenerationConfig, ImageGenerationConfig
+from unified.images import draft, model_input, to_rgb
 from unified.layout import TextLayoutConfig, TimeConfig
 from unified.model import ColaModel
 
@@ -69,9 +70,10 @@ def _check_image_size(w: int, h: int) -> None:
         raise ValueError("the image is empty")
 
 
-def open_image(path: str | Path) -> Image.Image:
+def open_image(path: str | Path, size: int | None = None) -> Image.Image:
     """Read an image file; ValueError (one readable line) for a missing, unreadable or too
-    large file. The size is checked from the header, before the pixels are decoded."""
+    large file. The size is checked from the header, before the pixels are decoded. With
+    `size`, a JPEG decodes at the reduced scale training uses (unified.images.draft)."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"no such image file: {path}")
@@ -83,33 +85,35 @@ def open_image(path: str | Path) -> Image.Image:
         raise ValueError(f"not a readable image: {path.name} ({type(e).__name__}: {e})") from None
     _check_image_size(*image.size)
     try:
-        image.load()
+        draft(image, size).load()
     except Exception as e:  # noqa: BLE001 - e.g. a truncated file
         raise ValueError(f"not a readable image: {path.name} ({type(e).__name__}: {e})") from None
     return image
 
 
 def prepare_image(image, size: int) -> torch.Tensor:
-    """A PIL image, an array (HWC uint8 or float in [0, 1]) or a path -> [3, size, size] in
-    [-1, 1]. Raises ValueError for anything that is not a readable, reasonably sized image."""
+    """A PIL image, an array (HWC uint8 / uint16, or float in [0, 1]; 3 or 4 channels) or a
+    path -> [3, size, size] in [-1, 1], preprocessed exactly as training images are
+    (unified.images: EXIF orientation, alpha onto white, 16-bit scaled, shorter side resized
+    to `size`, center crop). Raises ValueError for anything that is not a readable,
+    reasonably sized image."""
     if isinstance(image, (str, Path)):
-        image = open_image(image)
+        image = open_image(image, size)
     if isinstance(image, np.ndarray):
         if image.ndim != 3 or image.shape[-1] not in (3, 4):
             raise ValueError(f"an image array must be H x W x 3 (or 4), got shape {image.shape}")
         if not np.isfinite(image).all():
             raise ValueError("the image holds NaN or infinite values")
-        arr = image[..., :3]
-        arr = (arr * 255 if arr.dtype.kind == "f" and arr.max() <= 1.0 else arr)
-        image = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), mode="RGB")
+        arr = image.astype(np.float64)
+        if image.dtype.kind == "f" and arr.max() <= 1.0:
+            arr = arr * 255
+        elif image.dtype.kind in "ui" and image.dtype.itemsize > 1 and arr.max() > 255:
+            arr = arr * (255.0 / 65535.0)  # 16-bit
+        image = Image.fromarray(np.clip(np.round(arr), 0, 255).astype(np.uint8))
     if not isinstance(image, Image.Image):
         raise ValueError(f"expected an image, got {type(image).__name__}")
     _check_image_size(*image.size)
-    image = image.convert("RGB")
-    if image.size != (size, size):
-        image = image.resize((size, size), Image.BICUBIC)
-    arr = torch.from_numpy(np.asarray(image, dtype=np.float32).copy()).permute(2, 0, 1)
-    return arr / 127.5 - 1.0
+    return model_input(to_rgb(image), size)
 
 
 def check_prompt(prompt: str, what: str = "prompt", allow_empty: bool = False) -> str:
