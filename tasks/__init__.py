@@ -87,13 +87,14 @@ class TaskMixture:
         return out
 
     def samples(self, tokenizer, seed: int, skips: SkipCounter | None = None,
-                max_len: int | None = None) -> Iterator[TaskSample]:
+                max_len: int | None = None, source=None) -> Iterator[TaskSample]:
+        """Task samples from `source` (default data.pairs; e.g. data.pairs_heldout)."""
         cfg = self.cfg
         skips = skips if skips is not None else SkipCounter("pairs")
         max_len = max_len or cfg.data.seq_len
         block = cfg.layout.block_size
         budget = (max_len // block) * block  # an answer is padded to whole blocks
-        records = iter(image_text_records(cfg.data.pairs, seed=seed, resample=True,
+        records = iter(image_text_records(source or cfg.data.pairs, seed=seed, resample=True,
                                           shuffle_buffer=cfg.data.shuffle_buffer, skips=skips,
                                           same_on_all_ranks=True,
                                           caption_key=cfg.data.caption_key))

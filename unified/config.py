@@ -154,6 +154,10 @@ class TrainConfig:
     # (e.g. more prose rows for the Text VAE in stage 1 than the prior needs in stage 2)
     batch_size: int | None = None
     pair_batch_size: int | None = None
+    # held-out loss (data.heldout prose, data.pairs_heldout task samples) every this many
+    # steps, on eval_batches global batches drawn once (0 = off)
+    eval_every: int = 0
+    eval_batches: int = 4
 
 
 @dataclass

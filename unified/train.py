@@ -52,6 +52,8 @@ from unified.losses import means as lmeans
 from unified.malloc import keep_freed_memory
 from unified.model import ColaModel, build_image_vae, build_prior, build_vae
 from unified.training.batches import Slicing, StepStream
+from unified.training.heldout import HeldOut
+from unified.training.monitor import Monitor
 from vaes import image_vae as iv
 from vaes.text_vae import TextVAE
 from vaes.tokenizer import load_tokenizer, train_tokenizer
@@ -175,6 +177,7 @@ class Trainer:
         self.step, self.data_pos, self.bad_steps = 0, 0, 0
         self._names: list[str] | None = None  # the loss terms every rank reduces
         self.decoded = 0  # images decoded for training, all ranks
+        self.heldout = HeldOut()
         if ckpt is not None:
             self._restore(ckpt)
         if self.dist.is_main:
@@ -539,18 +542,24 @@ class Trainer:
         tokens, images = (sum(c) * world for c in zip(*seen))
         return loss.detach(), {k: float(v) for k, v in logs.items()}, (tokens, images)
 
+    def _evaluate(self) -> dict[str, float]:
+        """Held-out loss and terms ("heldout_*"; unified/training/heldout.py)."""
+        return self.heldout.evaluate(self)
+
     def train(self, max_steps: int | None = None) -> list[dict]:
-        """Run to `tcfg.steps` (or stop after `max_steps` more); returns the logged records
-        (losses averaged over ranks; every rank returns the same records)."""
+        """Run to `tcfg.steps` (or stop after `max_steps` more); returns a record per step
+        (that step's losses over the global batch; every rank returns the same records; the
+        logged steps also hold lr, grad norm, throughput and counts, and held-out losses).
+        metrics.jsonl / TensorBoard get the losses averaged over each logging window
+        (unified/training/monitor.py)."""
         t = self.tcfg
         stop_at = t.steps if max_steps is None else min(t.steps, self.step + max_steps)
         history: list[dict] = []
         main = self.dist.is_main
-        metrics = (self.out / "metrics.jsonl").open("a") if main else None
-        writer = self._tensorboard() if main else None
-        batches = self._batches()
         bar = tqdm(total=t.steps, initial=self.step, desc=f"stage {self.stage}",
                    dynamic_ncols=True, mininterval=2.0, disable=not main)
+        monitor = Monitor(self.out, self.stage, self.step, bar) if main else None
+        batches = self._batches()
         tokens = images = 0
         t0 = time.perf_counter()
         try:
@@ -580,30 +589,39 @@ class Trainer:
                 tokens, images = tokens + n_tok, images + n_img
                 rec = {"step": self.step, "loss": float(loss), **terms}
                 history.append(rec)
+                if monitor is not None:
+                    monitor.add({k: v for k, v in rec.items() if k != "step"}
+                                | {"grad_norm": float(gnorm)})
                 bar.update(1)
                 if self.step % t.log_every == 0 or self.step == stop_at:
                     dt = time.perf_counter() - t0
-                    rec.update(lr=self.scheduler.get_last_lr()[-1], grad_norm=float(gnorm),
-                               tokens_per_s=tokens / dt, skipped=self.skipped)
+                    extra = dict(lr=self.scheduler.get_last_lr()[-1],
+                                 tokens_per_s=tokens / dt, skipped=self.skipped)
                     if images:
-                        rec["images_per_s"] = images / dt
+                        extra["images_per_s"] = images / dt
                     if self.tasks is not None:  # by all ranks, each its own slices' images
                         fixed = self.skips["pairs"].fixed
-                        rec.update(images_decoded=self.decoded,
-                                   captions_truncated=fixed["caption truncated"],
-                                   metadata_ignored=fixed["unreadable .json metadata ignored"])
-                    if main:
-                        self._log(rec, metrics, writer, bar)
+                        extra.update(images_decoded=self.decoded,
+                                     captions_truncated=fixed["caption truncated"],
+                                     metadata_ignored=fixed["unreadable .json metadata ignored"])
+                    rec.update(extra, grad_norm=float(gnorm))
+                    if monitor is not None:
+                        monitor.log(self.step, extra)
                     tokens = images = 0
                     t0 = time.perf_counter()
+                if t.eval_every and self.step % t.eval_every == 0:
+                    held = self._evaluate()
+                    rec.update(held)
+                    if monitor is not None and held:
+                        monitor.write({"step": self.step, **held}, f"stage{self.stage}")
+                        log.info("step=%d %s", self.step,
+                                 " ".join(f"{k}={v:.4g}" for k, v in held.items()))
                 if self.step % t.ckpt_every == 0:
                     self._checkpoint()
         finally:
             bar.close()
-            if metrics is not None:
-                metrics.close()
-            if writer is not None:
-                writer.close()
+            if monitor is not None:
+                monitor.close()
         if self.step >= t.steps:
             self._checkpoint()
             if main:
@@ -611,24 +629,3 @@ class Trainer:
                 log.info("finished: model written to %s", self.out / "final")
             dist_utils.barrier(self.dist)
         return history
-
-    def _tensorboard(self):
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:  # tensorboard is a dependency; tolerate a trimmed install
-            log.warning("tensorboard is not installed: no event files are written")
-            return None
-        return SummaryWriter(str(self.out / "tensorboard"))
-
-    def _log(self, rec: dict, metrics, writer, bar) -> None:
-        """Rank 0: one JSON line, TensorBoard scalars, the progress bar and a console line."""
-        metrics.write(json.dumps(rec) + "\n")
-        metrics.flush()
-        if writer is not None:
-            for k, v in rec.items():
-                if k != "step":
-                    writer.add_scalar(f"stage{self.stage}/{k}", v, rec["step"])
-        bar.set_postfix({k: f"{rec[k]:.3g}" for k in rec
-                         if k in ("loss", "recon", "acc", "fm", "ref_kl")})
-        log.info(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                          for k, v in rec.items()))
