@@ -37,6 +37,9 @@ class VAEConfig:
     heads: int = 4
     mlp_ratio: float = 4.0
     act: str = ACT  # MLP activation: "gelu" (exact) or "gelu_tanh" (DiT's approximation)
+    # an existing Hugging Face tokenizer folder to use instead of training a BPE in stage 1
+    # (special tokens found by name, missing ones added; the vocabulary is its size)
+    tokenizer: str = ""
 
 
 @dataclass

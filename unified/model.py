@@ -102,6 +102,7 @@ class ColaModel(nn.Module):
         self.image_patch_size, self.image_size = image_patch_size, image_size
         self.image_time = image_time or TimeConfig()
         self.ref_vae: TextVAE | None = None
+        self.image_vae_source: Path | None = None  # its pretrained folder, if loaded from one
 
     @property
     def block_size(self) -> int:
@@ -118,8 +119,10 @@ class ColaModel(nn.Module):
 
     def with_prior(self, prior: DiT) -> ColaModel:
         """The same model with another prior (e.g. its EMA), sharing every other part."""
-        return ColaModel(self.vae, prior, self.tokenizer, self.layout_cfg, self.image_vae,
-                         self.image_patch_size, self.image_time, self.image_size)
+        model = ColaModel(self.vae, prior, self.tokenizer, self.layout_cfg, self.image_vae,
+                          self.image_patch_size, self.image_time, self.image_size)
+        model.image_vae_source = self.image_vae_source
+        return model
 
     def freeze_reference(self) -> None:
         """Snapshot the current Text VAE as the frozen reference encoder q_phi_ref."""
@@ -335,17 +338,30 @@ class ColaModel(nn.Module):
                 "image_size": self.image_size,
                 "image_time": [self.image_time.loc, self.image_time.scale]}
 
-    def save_pretrained(self, folder: str | Path, weights: bool = True) -> None:
+    def save_pretrained(self, folder: str | Path, weights: bool = True,
+                        link_image_vae: bool = False) -> None:
         """Write the model folder; `weights=False` writes configs, tokenizer and index only
-        (the skeleton of a sharded checkpoint)."""
+        (the skeleton of a sharded checkpoint). `link_image_vae` (training checkpoints): a
+        frozen pretrained image VAE is written as its config and a reference to the weights
+        in its folder (image.pretrained), not as a copy; a model folder to keep or share
+        (final/, cola export) holds every weight itself."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         for name, part in (("text_vae", self.vae), ("prior", self.prior),
                            ("image_vae", self.image_vae)):
-            if part is not None:
-                (part.save_pretrained if weights else part.save_config)(folder / name)
+            if part is None:
+                continue
+            if name == "image_vae" and link_image_vae and self.image_vae_linkable:
+                iv.save_reference(part, folder / name, self.image_vae_source)
+                continue
+            (part.save_pretrained if weights else part.save_config)(folder / name)
         self.tokenizer.save_pretrained(folder / "tokenizer")
         (folder / MODEL_INDEX).write_text(json.dumps(self.index(), indent=2))
+
+    @property
+    def image_vae_linkable(self) -> bool:
+        """A frozen image VAE loaded from a pretrained folder (checkpoints refer to it)."""
+        return self.image_vae_source is not None and not self.image_vae_trainable
 
     @classmethod
     def from_pretrained(cls, folder: str | Path, device: str | torch.device = "cpu",
@@ -364,6 +380,9 @@ class ColaModel(nn.Module):
                 parts[name] = None
                 continue
             klass = getattr(importlib.import_module(PARTS[name][0]), PARTS[name][1])
+            if name == "image_vae" and iv.reference_of(folder / name) is not None:
+                parts[name] = iv.load_image_vae(folder / name)  # weights in image.pretrained
+                continue
             parts[name] = (klass.from_pretrained(folder / name, low_cpu_mem_usage=False) if weights
                            else klass.from_config(klass.load_config(folder / name)))
         block = index.get("block_size", index.get("layout", {}).get("block_size", 16))
@@ -372,5 +391,7 @@ class ColaModel(nn.Module):
                     image_patch_size=index.get("image_patch_size", 2),
                     image_time=TimeConfig(*index.get("image_time", [1.0, 1.0])),
                     image_size=index.get("image_size", 32))
+        if parts["image_vae"] is not None:
+            model.image_vae_source = iv.reference_of(folder / "image_vae")
         # weights may be stored in bf16 to keep the bundled model small; compute in fp32
         return model.to(device=device, dtype=torch.float32).eval()

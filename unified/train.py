@@ -56,7 +56,7 @@ from unified.training.heldout import HeldOut
 from unified.training.monitor import Monitor
 from vaes import image_vae as iv
 from vaes.text_vae import TextVAE
-from vaes.tokenizer import load_tokenizer, train_tokenizer
+from vaes.tokenizer import adopt_tokenizer, load_tokenizer, train_tokenizer
 
 log = logging.getLogger("cola.train")
 
@@ -202,8 +202,11 @@ class Trainer:
         tok_dir = self.out / "tokenizer"
         error = None
         if self.dist.is_main and not (tok_dir / "tokenizer.json").is_file():
-            try:  # rank 0 trains it; the others load its file
-                self._train_tokenizer(tok_dir)
+            try:  # rank 0 trains (or adopts) it; the others load its file
+                if self.cfg.vae.tokenizer:
+                    self._adopt_tokenizer(self.cfg.vae.tokenizer, tok_dir)
+                else:
+                    self._train_tokenizer(tok_dir)
             except ValueError as e:  # e.g. DataError: no usable text; every rank must stop
                 error = e
         failed = dist_utils.sum_across_ranks(
@@ -211,6 +214,14 @@ class Trainer:
         if failed.item() > 0:
             raise error or DataError("rank 0 could not train the tokenizer (see its log)")
         return load_tokenizer(tok_dir)
+
+    def _adopt_tokenizer(self, folder: str, tok_dir: Path) -> None:
+        tok, added = adopt_tokenizer(folder)
+        if added:
+            log.info("vae.tokenizer %s: added the special tokens %s (ids %s); the Text VAE's "
+                     "vocabulary follows: %d tokens", folder, added,
+                     tok.convert_tokens_to_ids(added), len(tok))
+        tok.save_pretrained(tok_dir)
 
     def _train_tokenizer(self, tok_dir: Path) -> None:
         from unified.data import text_samples
@@ -241,11 +252,17 @@ class Trainer:
                 model.ref_vae = ref.requires_grad_(False).eval()
             return model
         tok = self._tokenizer(init)
+        pretrained = self.cfg.image.pretrained
         if self.stage == 1:
-            image_vae = build_image_vae(self.cfg) if self.tasks is not None else None
-            return self._configure(ColaModel(build_vae(self.cfg, tok), None, tok,
-                                             image_vae=image_vae))
-        base = self._configure(ColaModel.from_pretrained(init))
+            model = ColaModel(build_vae(self.cfg, tok), None, tok,
+                              image_vae=build_image_vae(self.cfg) if self.tasks else None)
+            if pretrained and self.tasks is not None:
+                model.image_vae_source = Path(pretrained).resolve()
+            return self._configure(model)
+        base = ColaModel.from_pretrained(init)
+        if pretrained and self.tasks is not None:  # honoured: this VAE, frozen, stats measured
+            self._use_pretrained_image_vae(base, pretrained)
+        base = self._configure(base)
         if not base.vae.has_latent_stats or (
                 base.image_vae is not None and base.image_vae.config.latents_mean is None):
             self._measure_latent_stats(base)
@@ -254,6 +271,22 @@ class Trainer:
                                      base.image_token_dim if base.image_vae is not None else None)
         base.freeze_reference()
         return base
+
+    def _use_pretrained_image_vae(self, model: ColaModel, folder: str) -> None:
+        """Stage 2 with image.pretrained: that VAE replaces the stage-1 model's (the same one
+        when stage 1 used it too); refused when the stage-1 model's prior reads other image
+        tokens."""
+        vae = iv.load_image_vae(folder)
+        old = model.image_vae
+        model.image_vae, model.image_vae_source = vae, Path(folder).resolve()
+        prior_dim = dict(model.prior.config.modalities).get("image") if model.prior else None
+        if prior_dim is not None and prior_dim != model.image_token_dim:
+            raise ValueError(f"image.pretrained = {folder}: its latents make image tokens of "
+                             f"{model.image_token_dim} values, but the prior of --init reads "
+                             f"{prior_dim}; use the image VAE the prior was trained with")
+        if old is None or old.config.latent_channels != vae.config.latent_channels or \
+                list(old.config.block_out_channels) != list(vae.config.block_out_channels):
+            log.info("image.pretrained = %s replaces the image VAE of --init", folder)
 
     def _build_baseline(self, init, ckpt):
         """A baseline of unified/baselines.py (`model.kind` "ar" or "mdlm"): one stage, prose
