@@ -111,6 +111,9 @@ class Trainer:
         self.tasks = tasks if cfg.data.pairs else None
         if self.tasks is not None and self.data.pair_batch_size < 1:
             raise ValueError("data.pairs is set but data.pair_batch_size is 0")
+        if self.tasks is None and self.data.batch_size < 1:
+            raise ValueError("nothing to train on: set data.train with data.batch_size > 0 "
+                             "(prose), or data.pairs (image-text shards)")
         self.device = resolve_device(self.tcfg.device)
         self.dist = dist_utils.init_distributed(self.device.type)
         if self.device.type == "cuda" and self.dist.enabled:
@@ -407,10 +410,13 @@ class Trainer:
         def pairs():
             return self.tasks.samples(tokenizer, seed, self.skips["pairs"])
 
+        # stage 1 with a frozen (pretrained) image VAE trains on the captions alone
+        images = self.stage == 2 or not isinstance(self.model, ColaModel) or \
+            self.model.image_vae_trainable
         return StepStream(texts if d.batch_size else None, pairs if self.tasks else None,
                           slicing, seed=seed, start=start, seq_len=self.cfg.data.seq_len,
                           pad_id=tokenizer.pad_token_id, image_size=self.cfg.image.size,
-                          flip=self.cfg.image.flip, skips=self.skips)
+                          flip=self.cfg.image.flip, skips=self.skips, decode=images)
 
     def _batches(self):
         """Items of this rank's steps from the data position on (unified/training/batches.py:

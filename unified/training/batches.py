@@ -61,8 +61,10 @@ class StepStream(IterableDataset):
     def __init__(self, texts: Callable[[], Iterator[dict]] | None,
                  pairs: Callable[[], Iterator[TaskSample]] | None, slicing: Slicing, *,
                  seed: int, start: int, seq_len: int, pad_id: int, image_size: int,
-                 flip: bool = False, skips: dict[str, SkipCounter] | None = None):
+                 flip: bool = False, skips: dict[str, SkipCounter] | None = None,
+                 decode: bool = True):
         self.texts, self.pairs, self.slicing = texts, pairs, slicing
+        self.decode_images = decode  # False: the model uses no image (stage 1, frozen VAE)
         self.seed, self.start, self.seq_len, self.pad_id = seed, start, seq_len, pad_id
         self.image_size, self.flip = image_size, flip
         self.skips = skips or {}
@@ -88,6 +90,8 @@ class StepStream(IterableDataset):
         """The sample with its images decoded (train crop from `seed`); a placeholder with
         valid=False when one does not decode."""
         images, valid = [], smp.valid
+        if not self.decode_images:
+            return dataclasses.replace(smp, images=[], seed=seed)
         for k, img in enumerate(smp.images):
             if torch.is_tensor(img):
                 images.append(img)
