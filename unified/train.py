@@ -51,12 +51,11 @@ from unified.losses import Terms, from_mean
 from unified.losses import means as lmeans
 from unified.malloc import keep_freed_memory
 from unified.model import ColaModel, build_image_vae, build_prior, build_vae
+from unified.training import setup
 from unified.training.batches import Slicing, StepStream
 from unified.training.heldout import HeldOut
 from unified.training.monitor import Monitor
-from vaes import image_vae as iv
 from vaes.text_vae import TextVAE
-from vaes.tokenizer import adopt_tokenizer, load_tokenizer, train_tokenizer
 
 log = logging.getLogger("cola.train")
 
@@ -199,46 +198,6 @@ class Trainer:
             raise FileNotFoundError(f"{path} is not a complete checkpoint (no trainer.json)")
         return path
 
-    def _tokenizer(self, init):
-        if init is not None:
-            return load_tokenizer(Path(init) / "tokenizer")
-        tok_dir = self.out / "tokenizer"
-        error = None
-        if self.dist.is_main and not (tok_dir / "tokenizer.json").is_file():
-            try:  # rank 0 trains (or adopts) it; the others load its file
-                if self.cfg.vae.tokenizer:
-                    self._adopt_tokenizer(self.cfg.vae.tokenizer, tok_dir)
-                else:
-                    self._train_tokenizer(tok_dir)
-            except ValueError as e:  # e.g. DataError: no usable text; every rank must stop
-                error = e
-        failed = dist_utils.sum_across_ranks(
-            torch.tensor([1.0 if error else 0.0], device=self.device), self.dist)
-        if failed.item() > 0:
-            raise error or DataError("rank 0 could not train the tokenizer (see its log)")
-        return load_tokenizer(tok_dir)
-
-    def _adopt_tokenizer(self, folder: str, tok_dir: Path) -> None:
-        tok, added = adopt_tokenizer(folder)
-        if added:
-            log.info("vae.tokenizer %s: added the special tokens %s (ids %s); the Text VAE's "
-                     "vocabulary follows: %d tokens", folder, added,
-                     tok.convert_tokens_to_ids(added), len(tok))
-        tok.save_pretrained(tok_dir)
-
-    def _train_tokenizer(self, tok_dir: Path) -> None:
-        from unified.data import text_samples
-
-        n = self.cfg.data.tokenizer_docs
-        texts = [t for i, t in zip(range(n), text_samples(self.train_spec, resample=False,
-                                                                skips=self.skips["text"],
-                                                                same_on_all_ranks=True))
-                 ] if self.train_spec else []
-        if self.tasks is not None:  # captions, instructions, questions
-            texts += self.tasks.texts(n, self.skips["pairs"])
-        log.info("training a %d-token BPE on %d documents", self.cfg.vae.vocab_size, len(texts))
-        train_tokenizer(texts, vocab_size=self.cfg.vae.vocab_size).save_pretrained(tok_dir)
-
     def _build_model(self, init, ckpt) -> ColaModel:
         if self.cfg.model.kind != "cola":
             return self._build_baseline(init, ckpt)
@@ -254,7 +213,7 @@ class Trainer:
                 ref = TextVAE.from_pretrained(ckpt / "ref_vae", low_cpu_mem_usage=False)
                 model.ref_vae = ref.requires_grad_(False).eval()
             return model
-        tok = self._tokenizer(init)
+        tok = setup.tokenizer(self, init)
         pretrained = self.cfg.image.pretrained
         if self.stage == 1:
             model = ColaModel(build_vae(self.cfg, tok), None, tok,
@@ -264,32 +223,16 @@ class Trainer:
             return self._configure(model)
         base = ColaModel.from_pretrained(init)
         if pretrained and self.tasks is not None:  # honoured: this VAE, frozen, stats measured
-            self._use_pretrained_image_vae(base, pretrained)
+            setup.use_pretrained_image_vae(base, pretrained)
         base = self._configure(base)
         if not base.vae.has_latent_stats or (
                 base.image_vae is not None and base.image_vae.config.latents_mean is None):
-            self._measure_latent_stats(base)
+            setup.measure_latent_stats(self, base)
         if base.prior is None:
             base.prior = build_prior(self.cfg, base.vae.config.latent_dim,
                                      base.image_token_dim if base.image_vae is not None else None)
         base.freeze_reference()
         return base
-
-    def _use_pretrained_image_vae(self, model: ColaModel, folder: str) -> None:
-        """Stage 2 with image.pretrained: that VAE replaces the stage-1 model's (the same one
-        when stage 1 used it too); refused when the stage-1 model's prior reads other image
-        tokens."""
-        vae = iv.load_image_vae(folder)
-        old = model.image_vae
-        model.image_vae, model.image_vae_source = vae, Path(folder).resolve()
-        prior_dim = dict(model.prior.config.modalities).get("image") if model.prior else None
-        if prior_dim is not None and prior_dim != model.image_token_dim:
-            raise ValueError(f"image.pretrained = {folder}: its latents make image tokens of "
-                             f"{model.image_token_dim} values, but the prior of --init reads "
-                             f"{prior_dim}; use the image VAE the prior was trained with")
-        if old is None or old.config.latent_channels != vae.config.latent_channels or \
-                list(old.config.block_out_channels) != list(vae.config.block_out_channels):
-            log.info("image.pretrained = %s replaces the image VAE of --init", folder)
 
     def _build_baseline(self, init, ckpt):
         """A baseline of unified/baselines.py (`model.kind` "ar" or "mdlm"): one stage, prose
@@ -302,7 +245,7 @@ class Trainer:
                              "on prose only, replicated (parallel='ddp')")
         if ckpt is not None:
             return load_model(ckpt / "model")
-        return build_baseline(self.cfg, self._tokenizer(init))
+        return build_baseline(self.cfg, setup.tokenizer(self, init))
 
     def _configure(self, model: ColaModel) -> ColaModel:
         """Training settings of this run on a built or loaded model: layout, image tokens and
@@ -314,31 +257,6 @@ class Trainer:
         if model.image_vae is not None and (self.stage == 2 or im.pretrained):
             model.image_vae.requires_grad_(False)
         return model
-
-    def _measure_latent_stats(self, model: ColaModel, n_batches: int = 8) -> None:
-        """Per-channel latent statistics (text, and images if missing), measured on the same
-        batches on every rank so every rank normalizes alike."""
-        vae = model.vae
-        stream = self._stream(model.tokenizer, self.tcfg.seed + 7, vae.config.patch_size,
-                              Slicing(rows=self.data.batch_size, pairs=self.data.pair_batch_size))
-        batches = [stream.cut(pos, b)[0]  # the whole global batch, every image decoded
-                   for pos, b in zip(range(n_batches), stream.global_batches())]
-        for b in batches:  # placeholders of undecodable images are not data
-            if "pairs" in b:
-                keep = torch.tensor(b["pairs"]["valid"], dtype=torch.bool)
-                b["pairs"]["images"] = b["pairs"]["images"][keep]
-        if not vae.has_latent_stats:
-            shift, scale = vae.measure_latent_stats(ColaModel._text_rows(b) for b in batches)
-            vae.set_latent_stats(shift, scale)
-            log.info("text latent stats: |shift| mean %.3f, scale mean %.3f",
-                     shift.abs().mean().item(), scale.mean().item())
-        if model.image_vae is not None and model.image_vae.config.latents_mean is None:
-            mean, std = iv.measure_latent_stats(model.image_vae,
-                                                (b["pairs"]["images"] for b in batches
-                                                 if len(b["pairs"]["images"])))
-            iv.set_latent_stats(model.image_vae, mean, std)
-            log.info("image latent stats: mean %s, std %s", [round(float(x), 3) for x in mean],
-                     [round(float(x), 3) for x in std])
 
     def _build_optimizer(self) -> torch.optim.Optimizer:
         o = self.cfg.optim
