@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from playwright.sync_api import Page, sync_playwright  # noqa: E402
 
 from demo.process import DemoProcess  # noqa: E402
-from unified.cli import DEFAULT_CHECKPOINT  # noqa: E402
+from unified.apps.cli import DEFAULT_CHECKPOINT  # noqa: E402
 
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update",
@@ -126,7 +126,7 @@ def main() -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
-    from unified.pipeline import UnifiedPipeline
+    from unified.apps.pipeline import UnifiedPipeline
 
     sees = UnifiedPipeline.from_pretrained(args.checkpoint, device="cpu").can_see_images
     tabs = [("t2t", "Text → text", "text-to-text"), ("i2t", "Image → text", "image-to-text"),

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from unified.data import expand_urls
+from unified.data.streams import expand_urls
 from unified.records import IMAGE_KEYS, ImageRef
 from unified.training.batches import Slicing, StepStream
 
@@ -78,7 +78,7 @@ def read_images(urls: list[str]) -> list[bytes]:
 
 
 def training_stream(shards: str, size: int, batch: int) -> StepStream:
-    """The trainer's stream for one rank (unified/train.py Trainer._stream), stage 2."""
+    """The trainer's stream for one rank (unified/training/trainer.py Trainer._stream), stage 2."""
     from tasks import TaskMixture
     from unified.config import load_preset
     from vaes.tokenizer import train_tokenizer

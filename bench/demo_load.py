@@ -24,7 +24,7 @@ from gradio_client import Client, handle_file  # noqa: E402
 
 from demo.examples import load_examples  # noqa: E402
 from demo.process import DemoProcess  # noqa: E402
-from unified.cli import DEFAULT_CHECKPOINT  # noqa: E402
+from unified.apps.cli import DEFAULT_CHECKPOINT  # noqa: E402
 
 
 def request(client: Client, task: str, i: int) -> tuple[str, float, str]:
@@ -56,7 +56,7 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=1, help="torch threads in the server")
     args = ap.parse_args()
 
-    from unified.pipeline import UnifiedPipeline
+    from unified.apps.pipeline import UnifiedPipeline
 
     sees = UnifiedPipeline.from_pretrained(args.checkpoint, device="cpu").can_see_images
     tasks = ["text", "caption", "image"] if sees else ["text"]

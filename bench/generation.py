@@ -25,7 +25,7 @@ import torch
 from bench.timing import median_time
 from prior.dit import DiT
 from unified.baselines import ARModel, llama_config, matched_depth, prompt_ids
-from unified.cli import DEFAULT_CHECKPOINT
+from unified.apps.cli import DEFAULT_CHECKPOINT
 from unified.config import ACT
 from unified.generate import GenerationConfig, TextGenerator
 from unified.layout import TextLayoutConfig

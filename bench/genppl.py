@@ -28,8 +28,8 @@ from pathlib import Path
 import torch
 
 from unified.baselines import ARModel, load_model, prompt_ids
-from unified.data import text_samples
-from unified.evaluate import generative_perplexity
+from unified.data.streams import text_samples
+from tasks.text_to_text import generative_perplexity
 from unified.generate import GenerationConfig, TextGenerator
 
 

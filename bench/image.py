@@ -23,7 +23,7 @@ import torch
 
 from bench.timing import median_time
 from tasks import text_to_image
-from unified.cli import DEFAULT_CHECKPOINT
+from unified.apps.cli import DEFAULT_CHECKPOINT
 from unified.config import load_preset
 from unified.generate import ImageGenerationConfig
 from unified.layout import TimeConfig

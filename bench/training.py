@@ -5,7 +5,7 @@
     python -m bench.training --profile                         # torch.profiler of each step
 
 Run it as a module from the checkout (`python -m bench...`). Needs the default corpus's shards
-(`python -m unified.cli make-shards text --default-corpus --output data/stdlib`).
+(`python -m unified.apps.cli make-shards text --default-corpus --output data/stdlib`).
 
 MFU = model FLOPs per step / step time / peak matmul FLOP/s, where
 - model FLOPs per step are counted by torch.utils.flop_counter over one real step: forward and
@@ -13,7 +13,7 @@ MFU = model FLOPs per step / step time / peak matmul FLOP/s, where
   passes, the frozen reference encoder's forward, and both halves, clean and noisy, of the
   prior's 2L layout; attention counted dense, as the kernels compute it);
 - the peak is the best square-matmul rate measured in this run in the same precision.
-"trainer" times whole steps of unified.train.Trainer.train (data loading included);
+"trainer" times whole steps of unified.training.trainer.Trainer.train (data loading included);
 "compute" repeats forward, backward, clipping and the optimizer step on one prefetched batch.
 Cola is timed in stage 2 (VAE and prior jointly, from a random stage-1 VAE); the AR and MDLM
 baselines are unified/baselines.py at Cola's parameter count (width of the prior, SwiGLU 8/3).
@@ -39,10 +39,10 @@ from torch.utils.flop_counter import (
 )
 
 from unified.baselines import matched_depth
-from unified.cli import DEFAULT_CHECKPOINT
+from unified.apps.cli import DEFAULT_CHECKPOINT
 from unified.config import load_preset
 from unified.model import ColaModel, build_vae
-from unified.train import Trainer
+from unified.training.trainer import Trainer
 from vaes.tokenizer import load_tokenizer
 
 aten = torch.ops.aten

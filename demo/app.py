@@ -29,7 +29,7 @@ from demo.components import ImageUpload, Knob, WholeNumber
 from demo.examples import DemoExamples, load_examples
 from demo.handlers import Handlers
 from unified.generate import GenerationConfig, ImageGenerationConfig
-from unified.pipeline import UnifiedPipeline
+from unified.apps.pipeline import UnifiedPipeline
 
 CSS = """
 .pixelated img { image-rendering: pixelated; }

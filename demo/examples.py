@@ -3,7 +3,7 @@
 `demo/examples/` holds one 32 x 32 PNG per image example and `examples.json`, which lists the
 examples of each tab (and, for every image, the scene it shows, so tests can score answers).
 The app only reads them (`load_examples`); `python -m demo.examples` rewrites them from the
-shapes world (`write_examples`, the one place that imports tasks.shapes), and a test checks
+shapes world (`write_examples`, the one place that imports tasks.shapes.world), and a test checks
 that the shipped files are what it writes.
 """
 
@@ -53,7 +53,7 @@ class ImageExample:
     path: Path
     question: str
     prefix: str
-    scene: dict[str, Any]  # tasks.shapes.Scene.to_json() of what the image shows
+    scene: dict[str, Any]  # tasks.shapes.world.Scene.to_json() of what the image shows
     caption: str  # its true caption
 
 
@@ -78,7 +78,7 @@ def load_examples(folder: str | Path = EXAMPLES_DIR) -> DemoExamples:
 
 def write_examples(folder: str | Path = EXAMPLES_DIR) -> Path:
     """Render the example scenes and write them with the index; returns the index path."""
-    from tasks.shapes import Obj, Scene, caption, render
+    from tasks.shapes.world import Obj, Scene, caption, render
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)

@@ -19,7 +19,7 @@ from PIL import Image
 
 from demo.components import user_error
 from demo.files import ImageFiles
-from unified.pipeline import UnifiedPipeline
+from unified.apps.pipeline import UnifiedPipeline
 
 log = logging.getLogger("cola.demo")
 

@@ -1,4 +1,4 @@
-"""Run the demo server in a child process (`python -m unified.cli demo ...`) and wait until it
+"""Run the demo server in a child process (`python -m unified.apps.cli demo ...`) and wait until it
 answers: for the tests, the load benchmark and the browser check.
 
     with DemoProcess(checkpoint="demo/checkpoint") as url:
@@ -38,7 +38,7 @@ class DemoProcess:
                  timeout: float = 120.0, extra_args: list[str] | None = None):
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}/"
-        self.cmd = [sys.executable, "-m", "unified.cli", "demo", "--port", str(self.port),
+        self.cmd = [sys.executable, "-m", "unified.apps.cli", "demo", "--port", str(self.port),
                     "--concurrency", str(concurrency), "--max-queue", str(max_queue),
                     *(["--checkpoint", str(checkpoint)] if checkpoint else []),
                     *(extra_args or [])]

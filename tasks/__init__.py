@@ -14,7 +14,7 @@ from tasks.base import SampleContext
 from tasks.image_to_text import INSTRUCTION, ImageToText, shapes_scene
 from tasks.text_to_image import TextToImage
 from unified.config import ColaConfig
-from unified.data import SkipCounter, TaskSample, mix_streams
+from unified.data.streams import SkipCounter, TaskSample, mix_streams
 from unified.records import image_text_records
 
 # tasks trained on image-text records (text-to-text trains on packed prose rows)
@@ -72,7 +72,7 @@ class TaskMixture:
     def texts(self, n: int, skips: SkipCounter | None = None) -> list[str]:
         """Example texts of the tasks (captions, instructions, questions and answers) for
         training the tokenizer (read without decoding any image)."""
-        from tasks.shapes import questions
+        from tasks.shapes.world import questions
 
         out = [INSTRUCTION]
         records = image_text_records(self.cfg.data.pairs, resample=False, skips=skips,

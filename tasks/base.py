@@ -14,7 +14,7 @@ from typing import Protocol
 import torch
 
 from unified.config import TasksConfig
-from unified.data import TaskSample
+from unified.data.streams import TaskSample
 from unified.layout import Segment, SegmentSpec, place
 from unified.model import ColaModel
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from tasks.base import SampleContext, encode_conditions
-from unified.data import TaskSample
+from unified.data.streams import TaskSample
 from unified.generate import GenerationConfig, ImageGenerator, TextGenerator
 from unified.layout import MODALITY_IMAGE, MODALITY_TEXT, ONE_BLOCK, SEG_I, SEG_N, SEG_P, SegmentSpec
 from unified.model import ColaModel
@@ -34,7 +34,7 @@ def shapes_scene(meta):
     (real img2dataset metadata, garbage): questions are a shapes-only feature."""
     if not isinstance(meta, dict) or not isinstance(meta.get("objects"), list):
         return None
-    from tasks.shapes import Scene
+    from tasks.shapes.world import Scene
 
     try:
         return Scene.from_json(meta)
@@ -54,7 +54,7 @@ class ImageToText:
         instruction, answer = INSTRUCTION, record["caption"]
         scene = shapes_scene(record.get("meta")) if cfg.question_prob > 0 else None
         if scene is not None and rng.random() < cfg.question_prob:
-            from tasks.shapes import questions
+            from tasks.shapes.world import questions
 
             instruction, answer = rng.choice(questions(scene))
         ids = encode_piece(tok, answer, ctx.max_len, pad_to=ctx.block_size)

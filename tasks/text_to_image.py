@@ -1,13 +1,13 @@
 """Text-to-image: [C][I], the caption a clean condition (dropped for CFG), the image one noisy
 bidirectional block (DESIGN §3). Scored on the shapes world by analysing the image back into
-its objects (tasks/shapes_eval.py)."""
+its objects (tasks/shapes/evaluate.py)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
 from tasks.base import SampleContext, encode_conditions
-from unified.data import TaskSample
+from unified.data.streams import TaskSample
 from unified.generate import ImageGenerationConfig, ImageGenerator, ImageOutput
 from unified.layout import MODALITY_IMAGE, MODALITY_TEXT, ONE_BLOCK, SEG_C, SEG_I, SegmentSpec
 from unified.model import ColaModel

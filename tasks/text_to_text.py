@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from unified.evaluate import evaluate_text_vae
+from tasks.text_to_text import evaluate_text_vae
 from unified.generate import BlockOutput, GenerationConfig, TextGenerator
 from unified.layout import MODALITY_TEXT, SEG_N, SegmentSpec
 from unified.model import ColaModel

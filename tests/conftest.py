@@ -6,11 +6,11 @@ import os
 import pytest
 import torch
 
-from tasks.shapes import caption, questions, scene_at
-from unified.corpus import iter_stdlib_docstrings
+from tasks.shapes.world import caption, questions, scene_at
+from unified.data.corpus import iter_stdlib_docstrings
 from unified.layout import TextLayoutConfig, TimeConfig
 from unified.model import ColaModel
-from unified.shards import write_text_shards
+from unified.data.shards import write_text_shards
 from vaes.image_vae import set_latent_stats, small_image_vae
 from vaes.text_vae import TextVAE
 from vaes.tokenizer import train_tokenizer

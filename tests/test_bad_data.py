@@ -13,9 +13,9 @@ import webdataset as wds
 from PIL import Image
 
 from tasks import TaskMixture
-from unified.cli import main
+from unified.apps.cli import main
 from unified.config import load_preset
-from unified.train import Trainer
+from unified.training.trainer import Trainer
 
 WORDS = "red green blue circle square triangle small large top left bottom right center".split()
 

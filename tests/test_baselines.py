@@ -18,8 +18,8 @@ from unified.baselines import (
     matched_depth,
 )
 from unified.config import load_preset
-from unified.corpus import iter_stdlib_docstrings
-from unified.train import Trainer
+from unified.data.corpus import iter_stdlib_docstrings
+from unified.training.trainer import Trainer
 from vaes.text_vae import causal_mask
 from vaes.tokenizer import train_tokenizer
 
@@ -187,7 +187,7 @@ def test_presets_match_cola_text_default_within_10_percent(kind):
 def test_generative_perplexity_and_unigram_entropy(tokenizer):
     import math
 
-    from unified.evaluate import generative_perplexity, unigram_entropy
+    from tasks.text_to_text import generative_perplexity, unigram_entropy
 
     assert unigram_entropy([7, 7, 7, 7]) == 0.0 and unigram_entropy([]) == 0.0
     assert unigram_entropy([5, 6, 5, 6]) == pytest.approx(math.log(2))

@@ -2,8 +2,8 @@
 
 import pytest
 
-from unified.cli import DEFAULT_CHECKPOINT, main
-from unified.evaluate import evaluate_text_vae
+from unified.apps.cli import DEFAULT_CHECKPOINT, main
+from tasks.text_to_text import evaluate_text_vae
 from unified.generate import GenerationConfig, TextGenerator
 from unified.model import ColaModel
 

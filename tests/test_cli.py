@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from unified.cli import main
+from unified.apps.cli import main
 from unified.config import preset_names
-from unified.data import text_samples
+from unified.data.streams import text_samples
 
 
 def run_error(capsys, argv: list[str]) -> str:

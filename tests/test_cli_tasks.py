@@ -8,8 +8,8 @@ import pytest
 from PIL import Image
 
 from demo.examples import load_examples
-from unified.cli import main
-from unified.cli_tasks import trajectory_strip
+from unified.apps.cli import main
+from unified.apps.cli_tasks import trajectory_strip
 
 
 def run_ok(capsys, argv: list[str]) -> tuple[str, str]:

@@ -12,10 +12,10 @@ import pytest
 import torch
 import webdataset as wds
 
-import unified.corpus as corpus_module
-from unified.corpus import is_heldout, iter_stdlib_docstrings
-from unified.data import SkipCounter, expand_urls, pack_batches, text_batches, text_samples
-from unified.shards import make_default_corpus_shards, read_text_inputs, write_text_shards
+import unified.data.corpus as corpus_module
+from unified.data.corpus import is_heldout, iter_stdlib_docstrings
+from unified.data.streams import SkipCounter, expand_urls, pack_batches, text_batches, text_samples
+from unified.data.shards import make_default_corpus_shards, read_text_inputs, write_text_shards
 from vaes.tokenizer import encode_document, train_tokenizer
 
 
@@ -274,7 +274,7 @@ def test_text_batches_stream(tok, corpus, tmp_path):
 def test_default_corpus_adds_installed_torch_docstrings():
     import itertools
 
-    from unified.corpus import iter_default_corpus, iter_package_docstrings
+    from unified.data.corpus import iter_default_corpus, iter_package_docstrings
 
     torch_docs = list(itertools.islice(iter_package_docstrings("torch"), 5))
     assert len(torch_docs) == 5 and all(k.startswith("torch-") for k, _ in torch_docs)
@@ -300,7 +300,7 @@ def test_mix_streams_holds_ratios_is_deterministic_and_drains_finite_streams():
     import itertools
     from collections import Counter
 
-    from unified.data import mix_streams
+    from unified.data.streams import mix_streams
 
     def endless(tag):
         return (f"{tag}{i}" for i in itertools.count())

@@ -1,4 +1,4 @@
-"""The Gradio demo as a client sees it: a real server (`python -m unified.cli demo`, a child
+"""The Gradio demo as a client sees it: a real server (`python -m unified.apps.cli demo`, a child
 process on a loopback port) on the tiny random-weight unified model, driven by gradio_client.
 These check the mechanics (endpoints, streaming, images, errors, load); tests/
 test_demo_meaning.py checks that the bundled model's answers mean something."""

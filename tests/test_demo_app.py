@@ -14,8 +14,8 @@ from PIL import Image
 from demo.app import build_app
 from demo.examples import EXAMPLES_DIR, INDEX, load_examples, write_examples
 from demo.process import free_port
-from tasks.shapes import Scene, caption, parse_caption, render
-from unified.pipeline import UnifiedPipeline
+from tasks.shapes.world import Scene, caption, parse_caption, render
+from unified.apps.pipeline import UnifiedPipeline
 
 
 def _markdown(app) -> str:

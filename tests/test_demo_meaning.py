@@ -1,7 +1,7 @@
 """The demo on the bundled checkpoint means what it says: served by a real `cola demo` process
 and asked through gradio_client, captions of shapes-world images name their objects, answers to
 questions are right, and drawn images analyse back into the prompt's objects (the exact
-evaluator of tasks/shapes_eval.py). Skipped, with the reason, only when the bundled checkpoint
+evaluator of tasks/shapes/evaluate.py). Skipped, with the reason, only when the bundled checkpoint
 has no image side (a text-only model). COLA_DEMO_CHECKPOINT=DIR runs the same checks on another
 model folder (e.g. a candidate before it is exported to demo/checkpoint).
 
@@ -23,10 +23,10 @@ from PIL import Image
 
 from demo.examples import load_examples
 from demo.process import DemoProcess
-from tasks.shapes import Scene, caption, eval_seed, questions, render, scene_at
-from tasks.shapes_eval import mean_scores, question_kind, score_answer, score_caption, score_image
-from unified.cli import DEFAULT_CHECKPOINT
-from unified.pipeline import UnifiedPipeline
+from tasks.shapes.world import Scene, caption, eval_seed, questions, render, scene_at
+from tasks.shapes.evaluate import mean_scores, question_kind, score_answer, score_caption, score_image
+from unified.apps.cli import DEFAULT_CHECKPOINT
+from unified.apps.pipeline import UnifiedPipeline
 
 CHECKPOINT = Path(os.environ.get("COLA_DEMO_CHECKPOINT") or DEFAULT_CHECKPOINT)
 N_EVAL = 10  # held-out evaluation scenes (1-2 objects, seeds never used for training data)

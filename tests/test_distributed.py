@@ -19,7 +19,7 @@ from conftest import stdlib_shards
 
 from unified.config import load_preset
 from unified.model import ColaModel
-from unified.train import Trainer
+from unified.training.trainer import Trainer
 
 DETERMINISTIC = ["loss.sample_posterior=false", "loss.mask_prob=0", "loss.decoder_noise=0",
                  "stage1.log_every=1", "stage1.steps=6", "data.batch_size=4"]
@@ -61,7 +61,7 @@ def test_torchrun_two_ranks_match_a_single_process(shards, tmp_path):
     ref = single.train()
     sets = [a for o in overrides(shards) for a in ("--set", o)]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-           "2", "-m", "unified.cli", "train", "--preset", "text-tiny", "--stage", "1",
+           "2", "-m", "unified.apps.cli", "train", "--preset", "text-tiny", "--stage", "1",
            "--out", str(tmp_path / "ddp"), *sets]
     proc = subprocess.run(cmd, env=cli_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -80,7 +80,7 @@ def test_torchrun_two_ranks_match_a_single_process(shards, tmp_path):
 
 KILLER = """
 import os, signal, sys
-import unified.checkpoint as ck
+import unified.training.checkpoint as ck
 real = ck.save_file
 calls = {"n": 0}
 def dying_save_file(*a, **k):
@@ -89,7 +89,7 @@ def dying_save_file(*a, **k):
         os.kill(os.getpid(), signal.SIGKILL)  # dies mid-write: model saved, optimizer not
     return real(*a, **k)
 ck.save_file = dying_save_file
-from unified.cli import main
+from unified.apps.cli import main
 sys.exit(main(sys.argv[1:]))
 """
 
@@ -107,7 +107,7 @@ def test_sigkill_mid_training_and_mid_checkpoint_resumes_exactly(shards, tmp_pat
 
     # 1) killed mid-training once the step-8 checkpoint exists
     run = tmp_path / "killed"
-    p = subprocess.Popen([sys.executable, "-m", "unified.cli", *train_cmd(shards, run)],
+    p = subprocess.Popen([sys.executable, "-m", "unified.apps.cli", *train_cmd(shards, run)],
                          env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
     while not (run / "checkpoints" / "step-00000008" / "trainer.json").exists():
@@ -125,7 +125,7 @@ def test_sigkill_mid_training_and_mid_checkpoint_resumes_exactly(shards, tmp_pat
     assert any(d.name.endswith(".tmp") for d in (run / "checkpoints").iterdir())
 
     # 3) resumed to the end: from the newest *complete* checkpoint, never the torn one
-    p = subprocess.run([sys.executable, "-m", "unified.cli", *train_cmd(shards, run)],
+    p = subprocess.run([sys.executable, "-m", "unified.apps.cli", *train_cmd(shards, run)],
                        env=cli_env(), capture_output=True, text=True, timeout=240)
     assert p.returncode == 0, p.stderr[-3000:]
     got = records(run)
@@ -142,7 +142,7 @@ def records_of(trainer: Trainer) -> dict[int, float]:
 def torchrun(args, out, shards, *extra, timeout=300):
     sets = [a for o in overrides(shards, *extra) for a in ("--set", o)]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-           "2", "-m", "unified.cli", "train", "--preset", "text-tiny", "--out", str(out),
+           "2", "-m", "unified.apps.cli", "train", "--preset", "text-tiny", "--out", str(out),
            *args, *sets]
     proc = subprocess.run(cmd, env=cli_env(), capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -164,7 +164,7 @@ def test_fsdp2_matches_single_process_resumes_and_unshards(shards, tmp_path):
                                                                   rel=1e-4)
     # the sharded checkpoint joins into an ordinary model: the exported one, and the
     # single-process one up to float error
-    from unified.fsdp import load_sharded_model
+    from unified.training.fsdp import load_sharded_model
 
     joined = load_sharded_model(run / "checkpoints" / "step-00000006").vae.state_dict()
     final = ColaModel.from_pretrained(run / "final").vae.state_dict()

@@ -17,9 +17,9 @@ from conftest import stdlib_shards
 from test_distributed import cli_env, records
 
 from tasks import TaskMixture
-from tasks.shapes import make_shapes_shards
+from tasks.shapes.world import make_shapes_shards
 from unified.config import load_preset
-from unified.train import Trainer
+from unified.training.trainer import Trainer
 
 STEPS = 3
 DETERMINISTIC = ["loss.sample_posterior=false", "loss.mask_prob=0", "loss.decoder_noise=0",
@@ -47,7 +47,7 @@ def overrides(data, *extra):
 def run_torchrun(root, out, sets):
     args = [a for o in sets for a in ("--set", o)]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-           "2", "-m", "unified.cli", "train", "--preset", "shapes-tiny", "--stage", "2",
+           "2", "-m", "unified.apps.cli", "train", "--preset", "shapes-tiny", "--stage", "2",
            "--init", str(root / "s1" / "final"), "--out", str(out), *args]
     proc = subprocess.run(cmd, env=cli_env(), capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stderr[-4000:]

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from prior.dit import DiT
-from unified.corpus import iter_stdlib_docstrings
+from unified.data.corpus import iter_stdlib_docstrings
 from unified.generate import GenerationConfig, TextGenerator, sample_tokens
 from unified.layout import TextLayoutConfig
 from unified.model import ColaModel

@@ -7,7 +7,7 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from unified.data import SkipCounter, image_text_samples
+from unified.data.streams import SkipCounter, image_text_samples
 
 
 def png_bytes(color, size=32):
@@ -47,7 +47,7 @@ def test_image_text_samples_skip_and_count_bad_input(tmp_path):
 
 
 def test_cli_latent_stats_measures_warns_and_writes(tmp_path, capsys):
-    from unified.cli import main
+    from unified.apps.cli import main
     from vaes.image_vae import load_image_vae, small_image_vae
 
     rng = np.random.default_rng(0)

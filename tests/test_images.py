@@ -11,7 +11,7 @@ from PIL import Image
 
 from bench.preprocess_probe import exif_portrait, gray16, palette, panorama, probes, rgba, square
 from unified.images import load_image, model_input
-from unified.pipeline import prepare_image
+from unified.apps.pipeline import prepare_image
 from unified.records import ImageRef
 
 S = 64

@@ -10,7 +10,7 @@ import torch
 
 from prior.attention import TokenMeta, block_causal_mask, ensure_nonempty_rows
 from prior.dit import DiT
-from unified.corpus import iter_stdlib_docstrings
+from unified.data.corpus import iter_stdlib_docstrings
 from unified.layout import TextLayoutConfig
 from unified.model import MODEL_INDEX, ColaModel
 from vaes.text_vae import TextVAE

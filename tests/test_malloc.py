@@ -1,4 +1,4 @@
-"""glibc malloc tuning for CPU training (unified/malloc.py)."""
+"""glibc malloc tuning for CPU training (unified/training/malloc.py)."""
 
 import subprocess
 import sys
@@ -13,7 +13,7 @@ def test_freed_memory_is_kept_for_reuse():
     on free. Measured in fresh interpreters, by resident memory after the free."""
     code = """
 import sys, torch
-from unified.malloc import keep_freed_memory
+from unified.training.malloc import keep_freed_memory
 if sys.argv[1] == "keep":
     assert keep_freed_memory()
 def rss_mib():

@@ -9,11 +9,11 @@ import torch
 from conftest import stdlib_shards
 
 from tasks import TaskMixture
-from tasks.shapes import make_shapes_shards
-from unified.cli import main
+from tasks.shapes.world import make_shapes_shards
+from unified.apps.cli import main
 from unified.config import load_preset
 from unified.model import ColaModel
-from unified.train import Trainer
+from unified.training.trainer import Trainer
 
 
 @pytest.fixture(scope="module")

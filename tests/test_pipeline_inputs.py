@@ -8,7 +8,7 @@ import math
 import pytest
 from PIL import Image
 
-from unified.pipeline import UnifiedPipeline, open_image
+from unified.apps.pipeline import UnifiedPipeline, open_image
 
 NAN, INF = math.nan, math.inf
 

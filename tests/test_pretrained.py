@@ -13,11 +13,11 @@ from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 from tasks import TaskMixture
-from tasks.shapes import make_shapes_shards
-from unified.cli import main
+from tasks.shapes.world import make_shapes_shards
+from unified.apps.cli import main
 from unified.config import load_preset
 from unified.model import ColaModel
-from unified.train import Trainer
+from unified.training.trainer import Trainer
 from vaes.image_vae import load_image_vae, small_image_vae
 from vaes.tokenizer import adopt_tokenizer, load_tokenizer
 

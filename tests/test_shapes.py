@@ -10,10 +10,10 @@ import pytest
 import webdataset as wds
 from PIL import Image, ImageFilter
 
-from tasks import shapes as S
-from tasks import shapes_eval as E
-from tasks.shapes import Obj, Scene, make_shapes_shards
-from unified.shards import write_image_text_shards
+from tasks.shapes import world as S
+from tasks.shapes import evaluate as E
+from tasks.shapes.world import Obj, Scene, make_shapes_shards
+from unified.data.shards import write_image_text_shards
 
 
 def _scenes(n: int, seed: int = 0, difficulties=(1, 2, 3), split: str = "any", image_size: int = 32):
@@ -280,7 +280,7 @@ def test_write_image_text_shards_checks_keys(tmp_path):
 
 
 def test_shards_feed_the_image_text_reader(tmp_path):
-    from unified.data import image_text_samples
+    from unified.data.streams import image_text_samples
 
     make_shapes_shards(tmp_path, n_train=3, n_heldout=0, difficulty=2)
     samples = list(image_text_samples(sorted((tmp_path / "train").glob("*.tar")), image_size=32))
@@ -292,7 +292,7 @@ def test_shards_feed_the_image_text_reader(tmp_path):
 
 
 def test_cli_make_shards_shapes(tmp_path, capsys):
-    from unified.cli import main
+    from unified.apps.cli import main
 
     assert main(["make-shards", "shapes", "--n-train", "5", "--n-heldout", "4", "--difficulty",
                  "2", "--output", str(tmp_path)]) == 0

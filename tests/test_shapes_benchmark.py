@@ -1,4 +1,4 @@
-"""`cola eval shapes` (tasks/benchmark.py) on a tiny random unified model: every figure is
+"""`cola eval shapes` (tasks/shapes/benchmark.py) on a tiny random unified model: every figure is
 present and in range, the question figures count every question the scenes ask, and the
 command line prints them. What the figures are on a trained model is tested through the demo
 (tests/test_demo_meaning.py) and reported in the README."""
@@ -7,16 +7,16 @@ from __future__ import annotations
 
 import pytest
 
-from tasks.benchmark import evaluate_shapes
-from tasks.shapes import Scene, questions
-from tasks.shapes_eval import question_kind, score_answer
-from unified.cli import main
+from tasks.shapes.benchmark import evaluate_shapes
+from tasks.shapes.world import Scene, questions
+from tasks.shapes.evaluate import question_kind, score_answer
+from unified.apps.cli import main
 from unified.generate import GenerationConfig, ImageGenerationConfig
 
 
 @pytest.fixture(scope="module")
 def heldout(tmp_path_factory):
-    from tasks.shapes import make_shapes_shards
+    from tasks.shapes.world import make_shapes_shards
 
     root = tmp_path_factory.mktemp("shapes")
     make_shapes_shards(root, n_train=1, n_heldout=6, difficulty=2)

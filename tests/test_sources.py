@@ -12,9 +12,9 @@ from test_bad_data import good, write
 
 from tasks import TaskMixture
 from unified.config import load_preset
-from unified.data import DataError, SkipCounter, expand_urls, text_samples
+from unified.data.streams import DataError, SkipCounter, expand_urls, text_samples
 from unified.records import image_text_records
-from unified.train import Trainer
+from unified.training.trainer import Trainer
 
 
 @pytest.fixture(scope="module")

@@ -13,9 +13,9 @@ import torch
 from test_bad_data import good, write
 from test_distributed import cli_env, records
 
-from unified.cli import main
+from unified.apps.cli import main
 from unified.config import load_preset
-from unified.pipeline import UnifiedPipeline
+from unified.apps.pipeline import UnifiedPipeline
 from vaes.image_vae import small_image_vae
 
 
@@ -60,7 +60,7 @@ def test_smoke_preset_trains_both_stages_on_one_and_two_ranks(setup, capsys):
     assert not list((root / "s2" / "checkpoints").rglob("image_vae/*.safetensors"))
 
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-           "2", "-m", "unified.cli", "train", *s2, "--out", str(root / "ddp")]
+           "2", "-m", "unified.apps.cli", "train", *s2, "--out", str(root / "ddp")]
     proc = subprocess.run(cmd, env=cli_env(), capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stderr[-4000:]
     two = records(root / "ddp")

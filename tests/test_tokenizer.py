@@ -6,7 +6,7 @@ import itertools
 
 import pytest
 
-from unified.corpus import iter_stdlib_docstrings
+from unified.data.corpus import iter_stdlib_docstrings
 from vaes.tokenizer import (
     BOS,
     EOS,

@@ -7,10 +7,10 @@ import torch
 from conftest import stdlib_shards
 
 from unified.config import load_preset
-from unified.corpus import iter_stdlib_docstrings
+from unified.data.corpus import iter_stdlib_docstrings
 from unified.model import ColaModel
-from unified.shards import write_text_shards
-from unified.train import Trainer
+from unified.data.shards import write_text_shards
+from unified.training.trainer import Trainer
 
 
 @pytest.fixture(scope="module")
@@ -130,7 +130,7 @@ def test_patch_size_two_trains_both_stages(shards, tmp_path):
 
     model = ColaModel.from_pretrained(tmp_path / "s2" / "final")
     assert model.vae.config.patch_size == 2
-    from unified.evaluate import evaluate_text_vae
+    from tasks.text_to_text import evaluate_text_vae
 
     report = evaluate_text_vae(model, shards, max_docs=20, seq_len=32)
     assert 0.0 <= report["token_accuracy"] <= 1.0 and report["tokens"] > 100
@@ -161,7 +161,7 @@ def test_compiled_prior_trains_like_eager(shards, stage1, tmp_path):
 
 def test_compile_without_a_cpp_compiler_trains_eagerly(shards, stage1, tmp_path, monkeypatch,
                                                        caplog):
-    monkeypatch.setattr("unified.train.shutil.which", lambda name: None)
+    monkeypatch.setattr("unified.training.trainer.shutil.which", lambda name: None)
     t = Trainer(tiny(shards, "stage2.compile=true"), 2, tmp_path, init=stage1[0] / "final")
     assert all(blk.compiled is None for blk in t.model.prior.blocks)
     assert "training eagerly" in caplog.text

@@ -7,9 +7,9 @@ import torch
 from conftest import stdlib_shards
 
 from tasks import TaskMixture
-from tasks.shapes import make_shapes_shards
+from tasks.shapes.world import make_shapes_shards
 from unified.config import load_preset
-from unified.train import Trainer
+from unified.training.trainer import Trainer
 from unified.training.batches import Slicing, StepStream
 
 ROWS, PAIRS = 4, 8
@@ -31,7 +31,7 @@ def cfg(data, *extra):
 
 
 def stream(c, tok, slicing, start=0):
-    from unified.data import text_batches
+    from unified.data.streams import text_batches
 
     mix = TaskMixture(c)
     return StepStream(lambda: text_batches(c.data.train, tok, seq_len=c.data.seq_len,

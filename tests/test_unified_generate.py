@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from tasks import image_to_text, text_to_image
-from tasks.shapes import render, scene_at
+from tasks.shapes.world import render, scene_at
 from unified.generate import GenerationConfig, ImageGenerationConfig
 
 

@@ -8,12 +8,12 @@ import torch
 from conftest import stdlib_shards
 
 from tasks import TaskMixture, image_to_text, text_to_image
-from tasks.shapes import make_shapes_shards
+from tasks.shapes.world import make_shapes_shards
 from unified.config import load_preset
-from unified.data import SkipCounter, TaskSample, collate_task_samples, pack_pieces
+from unified.data.streams import SkipCounter, TaskSample, collate_task_samples, pack_pieces
 from unified.model import ColaModel
-from unified.pipeline import UnifiedPipeline
-from unified.train import Trainer
+from unified.apps.pipeline import UnifiedPipeline
+from unified.training.trainer import Trainer
 
 
 @pytest.fixture(scope="module")

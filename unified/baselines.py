@@ -1,7 +1,7 @@
 """Matched baselines for Cola DLM (issue 6): an autoregressive LM and a masked diffusion LM.
 
 Both share with Cola the tokenizer (vaes/tokenizer.py), the data pipeline (packed prose rows
-from unified/data.py) and the trainer (unified/train.py, `model.kind = "ar" | "mdlm"`, one
+from unified/data/streams.py) and the trainer (unified/training/trainer.py, `model.kind = "ar" | "mdlm"`, one
 stage). The network is a transformers `LlamaForCausalLM` (RMSNorm, RoPE, SwiGLU, SDPA) sized by
 `[model]` to Cola's parameter count (within 10%, `matched_depth`); packed samples are kept apart
 by a 4-D boolean attention mask built from the rows' sample ids, exactly as in the VAE.

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from prior.flow import interpolate
-from unified.data import pack_batches, text_samples
+from unified.data.streams import pack_batches, text_samples
 from unified.model import ColaModel
 
 
@@ -17,7 +17,7 @@ def heldout_texts(data: str | Path | None, max_docs: int) -> list[str]:
     if data is not None and Path(data).exists():
         texts = text_samples(str(data), resample=False)
     else:
-        from unified.corpus import is_heldout, iter_default_corpus
+        from unified.data.corpus import is_heldout, iter_default_corpus
 
         texts = (text for key, text in iter_default_corpus() if is_heldout(key))
     return [t for _, t in zip(range(max_docs), texts)]

@@ -1,5 +1,5 @@
 """Image preprocessing: one function from image bytes (or a PIL image) to what the model sees,
-used by the training reader and by the pipeline (unified/pipeline.py prepare_image).
+used by the training reader and by the pipeline (unified/apps/pipeline.py prepare_image).
 
     x = model_input(load_image(raw_bytes), 256)                       # eval: center crop
     x = model_input(load_image(raw_bytes, 256), 256, train=True, seed=s, flip=True)

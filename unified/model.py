@@ -13,7 +13,7 @@ layouts their tasks describe), averaged with `loss.task_weights`. The image VAE 
 A saved model is a folder in the diffusers pipeline layout: model_index.json (which part is
 which class, plus the inference layout: block size, image patch size), text_vae/, prior/,
 image_vae/ (config.json + safetensors each) and tokenizer/ (a transformers fast tokenizer).
-`UnifiedPipeline` (unified/pipeline.py) loads the same folder.
+`UnifiedPipeline` (unified/apps/pipeline.py) loads the same folder.
 """
 
 from __future__ import annotations
@@ -180,7 +180,7 @@ class ColaModel(nn.Module):
     def forward(self, batch: dict, stage: int, w: LossConfig, generator=None) -> Terms:
         """Loss terms of a training stage as (sum, count) (unified/losses.py; `combine` turns
         their means into the loss); the entry point DDP wraps. `batch` holds "text" (packed
-        prose rows) and/or "pairs" (collated task samples, unified/data.py), and optionally
+        prose rows) and/or "pairs" (collated task samples, unified/data/streams.py), and optionally
         "rng": {"step": seed, "rows": (offset, total)}, which makes the prose layout draw
         what the whole global batch of `total` rows would and keep rows offset.., and the
         pairs' "seeds" give each task sample its own random stream; a slice of a global

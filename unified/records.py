@@ -22,7 +22,7 @@ import torch
 import webdataset as wds
 from torch.utils.data import IterableDataset
 
-from unified.data import MissingTextError, SkipCounter, Spec, raw_samples
+from unified.data.streams import MissingTextError, SkipCounter, Spec, raw_samples
 from unified.images import load_image, model_input
 
 IMAGE_KEYS = ("png", "jpg", "jpeg", "webp")

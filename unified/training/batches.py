@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from unified.data import DataError, SkipCounter, TaskSample, collate_task_samples
+from unified.data.streams import DataError, SkipCounter, TaskSample, collate_task_samples
 
 
 def mix_seed(*parts: int) -> int:

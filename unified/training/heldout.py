@@ -9,8 +9,8 @@ import logging
 
 import torch
 
-from unified import distributed as dist_utils
-from unified.data import DataError, SkipCounter, text_batches, to_device
+from unified.training import distributed as dist_utils
+from unified.data.streams import DataError, SkipCounter, text_batches, to_device
 from unified.losses import means
 from unified.training.batches import Slicing, StepStream
 

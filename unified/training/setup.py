@@ -1,4 +1,4 @@
-"""How a run's model starts (unified/train.py Trainer): its tokenizer (from --init, an
+"""How a run's model starts (unified/training/trainer.py Trainer): its tokenizer (from --init, an
 existing tokenizer folder, or a BPE trained by rank 0), the pretrained image VAE of stage 2,
 and the latent statistics measured before stage 2 (the same batches on every rank)."""
 
@@ -9,8 +9,8 @@ from pathlib import Path
 
 import torch
 
-from unified import distributed as dist_utils
-from unified.data import DataError, text_samples
+from unified.training import distributed as dist_utils
+from unified.data.streams import DataError, text_samples
 from unified.model import ColaModel
 from unified.training.batches import Slicing
 from vaes import image_vae as iv

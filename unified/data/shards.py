@@ -2,7 +2,7 @@
 
 Text inputs (``.txt`` / ``.jsonl`` files) and the built-in stdlib-docstring corpus are turned
 into ``{prefix}-000000.tar``, ``{prefix}-000001.tar``, ... shards readable by
-:func:`unified.data.text_samples`.
+:func:`unified.data.streams.text_samples`.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from pathlib import Path
 
 import webdataset as wds
 
-from unified.corpus import is_heldout, iter_default_corpus
-from unified.data import SkipCounter
+from unified.data.corpus import is_heldout, iter_default_corpus
+from unified.data.streams import SkipCounter
 
 TEXT_SUFFIXES = (".txt", ".jsonl")
 _KEY_UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
@@ -158,7 +158,7 @@ def make_default_corpus_shards(
     records: Iterable[tuple[str, str]] | None = None,
 ) -> dict[str, int]:
     """Write the default corpus (or `records`) to ``out_dir/train/`` and ``out_dir/heldout/``,
-    split by :func:`unified.corpus.is_heldout`."""
+    split by :func:`unified.data.corpus.is_heldout`."""
     out = Path(out_dir)
     train: list[tuple[str, str]] = []
     heldout: list[tuple[str, str]] = []
@@ -181,7 +181,7 @@ def write_image_text_shards(
     max_per_shard: int = 2000,
 ) -> list[Path]:
     """Write ``(key, image, caption, meta)`` records as ``KEY.png`` + ``KEY.txt`` + ``KEY.json``
-    samples (the img2dataset layout read by :func:`unified.data.image_text_samples`).
+    samples (the img2dataset layout read by :func:`unified.data.streams.image_text_samples`).
 
     ``image`` is a PIL image (saved as PNG, lossless) or ready-made PNG bytes; ``meta`` is any
     JSON-serialisable dict (written with sorted keys).

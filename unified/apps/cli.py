@@ -24,7 +24,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from unified.cli_tasks import DEFAULT_CHECKPOINT, UserError, add_parsers
+from unified.apps.cli_tasks import DEFAULT_CHECKPOINT, UserError, add_parsers
 
 __all__ = ["DEFAULT_CHECKPOINT", "UserError", "build_parser", "main"]
 
@@ -54,10 +54,10 @@ def _threads() -> None:
 
 # --------------------------------------------------------------------------- subcommands
 def cmd_make_shards(args) -> None:
-    from unified.shards import make_default_corpus_shards, read_text_inputs, write_text_shards
+    from unified.data.shards import make_default_corpus_shards, read_text_inputs, write_text_shards
 
     if args.kind == "shapes":
-        from tasks.shapes import make_shapes_shards
+        from tasks.shapes.world import make_shapes_shards
 
         counts = make_shapes_shards(args.output, n_train=args.n_train, n_heldout=args.n_heldout,
                                     difficulty=args.difficulty, seed=args.seed,
@@ -77,8 +77,8 @@ def cmd_make_shards(args) -> None:
 
 def cmd_train(args) -> None:
     from unified.config import load_preset
-    from unified.distributed import cleanup
-    from unified.train import Trainer
+    from unified.training.distributed import cleanup
+    from unified.training.trainer import Trainer
 
     cfg = load_preset(args.preset, args.set)
     tasks = None
@@ -106,7 +106,7 @@ def export_source(src: str | Path, ema: bool = False):
                             f"its EMA prior)")
         return ColaModel.from_pretrained(src)
     if (src / "model-shard-0.safetensors").is_file():
-        from unified.fsdp import load_sharded_model
+        from unified.training.fsdp import load_sharded_model
 
         model = load_sharded_model(src)
     else:
@@ -148,14 +148,14 @@ def cmd_eval(args) -> None:
     model = _load(args.checkpoint)
     report = {}
     if args.what in ("text-vae", "all"):
-        from unified.evaluate import evaluate_text_vae
+        from tasks.text_to_text import evaluate_text_vae
 
         report.update(evaluate_text_vae(model, args.data, max_docs=args.max_docs))
     if args.what in ("shapes", "all"):
         if model.image_vae is None:
             raise UserError(f"{args.checkpoint} has no image side: `cola eval shapes` needs a "
                             "unified model")
-        from tasks.benchmark import evaluate_shapes
+        from tasks.shapes.benchmark import evaluate_shapes
         from unified.generate import GenerationConfig, ImageGenerationConfig
 
         report.update(evaluate_shapes(
@@ -175,7 +175,7 @@ def cmd_eval(args) -> None:
 def cmd_latent_stats(args) -> None:
     import torch
 
-    from unified.data import SkipCounter, image_text_samples
+    from unified.data.streams import SkipCounter, image_text_samples
     from vaes.image_vae import load_image_vae, measure_latent_stats, normalize, set_latent_stats
 
     vae = load_image_vae(args.vae).eval()

@@ -1,4 +1,4 @@
-"""The `cola` subcommands that run a trained model (part of the composition root, unified/cli.py):
+"""The `cola` subcommands that run a trained model (part of the composition root, unified/apps/cli.py):
 
     cola generate "The function returns" --max-new-tokens 64 --guidance 2 --seed 0
     cola caption scene.png [--question "how many objects are there?"] [--prefix "two objects:"]
@@ -30,7 +30,7 @@ class UserError(Exception):
 
 
 def _pipeline(checkpoint: str):
-    from unified.pipeline import UnifiedPipeline
+    from unified.apps.pipeline import UnifiedPipeline
 
     return UnifiedPipeline.from_pretrained(checkpoint)
 
@@ -49,7 +49,7 @@ def _check_text_args(args, **extra) -> None:
 
 
 def cmd_generate(args) -> None:
-    from unified.pipeline import check_prompt
+    from unified.apps.pipeline import check_prompt
 
     check_prompt(args.prompt)
     _check_text_args(args, top_k=args.top_k, top_p=args.top_p)
@@ -66,7 +66,7 @@ def cmd_generate(args) -> None:
 
 
 def cmd_caption(args) -> None:
-    from unified.pipeline import check_prompt, open_image
+    from unified.apps.pipeline import check_prompt, open_image
 
     image = open_image(args.image)  # a missing or unreadable file fails before the model loads
     check_prompt(args.question or "", "question", allow_empty=True)
@@ -107,7 +107,7 @@ def cmd_imagine(args) -> None:
     strip_path = _writable_image_path(args.trajectory, "--trajectory") if args.trajectory else None
     from prior.flow import check_int
     from unified.generate import ImageGenerationConfig
-    from unified.pipeline import check_prompt
+    from unified.apps.pipeline import check_prompt
 
     check_prompt(args.prompt)
     ImageGenerationConfig(**_sampling(args))

@@ -60,7 +60,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from unified.shards import write_image_text_shards
+from unified.data.shards import write_image_text_shards
 
 # ----------------------------------------------------------------------------- vocabulary
 
@@ -436,7 +436,7 @@ def render(scene: Scene) -> Image.Image:
 
 def scene_record(key: str, scene: Scene, **meta: Any) -> tuple[str, Image.Image, str, dict[str, Any]]:
     """``(key, image, caption, json)`` for one scene, the record
-    :func:`unified.shards.write_image_text_shards` writes as ``KEY.png`` / ``KEY.txt`` /
+    :func:`unified.data.shards.write_image_text_shards` writes as ``KEY.png`` / ``KEY.txt`` /
     ``KEY.json``. The json is :meth:`Scene.to_json` plus ``caption``, ``heldout_combo`` and any
     ``meta`` (e.g. seed, index, split, difficulty); :meth:`Scene.from_json` reads it back."""
     text = caption(scene)

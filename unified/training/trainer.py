@@ -34,8 +34,8 @@ from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from prior.dit import DiT
-from unified import distributed as dist_utils
-from unified.checkpoint import (
+from unified.training import distributed as dist_utils
+from unified.training.checkpoint import (
     begin_checkpoint,
     checkpoint_dirs,
     finish_checkpoint,
@@ -45,11 +45,11 @@ from unified.checkpoint import (
     save_checkpoint,
 )
 from unified.config import ColaConfig, TrainConfig
-from unified.data import DataError, SkipCounter, expand_urls, text_batches, to_device
+from unified.data.streams import DataError, SkipCounter, expand_urls, text_batches, to_device
 from unified.layout import TimeConfig
 from unified.losses import Terms, from_mean
 from unified.losses import means as lmeans
-from unified.malloc import keep_freed_memory
+from unified.training.malloc import keep_freed_memory
 from unified.model import ColaModel, build_image_vae, build_prior, build_vae
 from unified.training import setup
 from unified.training.batches import Slicing, StepStream
@@ -118,7 +118,7 @@ class Trainer:
         if self.device.type == "cuda" and self.dist.enabled:
             self.device = torch.device("cuda", self.dist.local_rank)
         if self.device.type == "cpu":  # reuse freed activations instead of page-faulting
-            keep_freed_memory()  # them in again every step (unified/malloc.py)
+            keep_freed_memory()  # them in again every step (unified/training/malloc.py)
         per_step = self.dist.world * cfg.optim.grad_accum
         for key in ("batch_size", "pair_batch_size"):
             if getattr(self.data, key) % per_step:
@@ -161,7 +161,7 @@ class Trainer:
                 self.model.prior.compile_blocks()
         self.train_model = self.model
         if self.fsdp:  # parameters, gradients and optimizer state sharded across ranks
-            from unified.fsdp import shard_model
+            from unified.training.fsdp import shard_model
 
             shard_model(self.model, self.device.type, self.dist.world)
         elif self.dist.enabled:  # gradients all-reduced during backward
@@ -203,7 +203,7 @@ class Trainer:
             return self._build_baseline(init, ckpt)
         if ckpt is not None:  # everything (incl. measured latent stats) comes from the checkpoint
             if (ckpt / "model-shard-0.safetensors").is_file():
-                from unified.fsdp import load_sharded_model
+                from unified.training.fsdp import load_sharded_model
 
                 model = load_sharded_model(ckpt)
             else:
@@ -284,7 +284,7 @@ class Trainer:
         if (ckpt / "model-shard-0.safetensors").is_file():
             if not self.fsdp:
                 raise ValueError(f"{ckpt} is sharded (FSDP); resume it with parallel='fsdp'")
-            from unified.fsdp import load_shards
+            from unified.training.fsdp import load_shards
 
             load_shards(ckpt, self.dist.rank, self.model, self.optimizer)
             state = json.loads((ckpt / "trainer.json").read_text())
@@ -386,7 +386,7 @@ class Trainer:
             rng[f"generator.{r}"], rng[f"torch.{r}"] = g, t
         path = None
         if self.fsdp:  # every rank writes its shards into the temporary folder
-            from unified.fsdp import save_shards, save_skeleton
+            from unified.training.fsdp import save_shards, save_skeleton
 
             if self.dist.is_main:
                 begin_checkpoint(self.out, self.step)
@@ -410,7 +410,7 @@ class Trainer:
         """What `final/` holds: the trained model, with the EMA prior when EMA is on (an
         unsharded copy, joined from the last checkpoint's shards, under FSDP)."""
         if self.fsdp:
-            from unified.fsdp import load_sharded_model
+            from unified.training.fsdp import load_sharded_model
 
             return load_sharded_model(latest_checkpoint(self.out))
         if self.ema is None:

@@ -1,11 +1,11 @@
 """The shapes benchmark (`cola eval shapes`): one unified checkpoint, all three tasks, scored
-exactly on held-out scenes (tasks/shapes_eval.py).
+exactly on held-out scenes (tasks/shapes/evaluate.py).
 
 - image-to-text: the caption generated for each image must parse to exactly its scene;
 - text-to-image: the image generated from each scene's caption must analyse back to it;
 - image VAE: PSNR of reconstructions, and the share whose reconstruction still analyses to
   the scene (the ceiling of text-to-image accuracy);
-- questions: every question `tasks.shapes.questions` asks of the first `questions` scenes,
+- questions: every question `tasks.shapes.world.questions` asks of the first `questions` scenes,
   answered by image_to_text, right when the answer is exactly the expected words (per kind:
   how_many, what_color, what_shape, how_big, where_is);
 every figure also split into scenes with a held-out attribute combination (never seen in
@@ -23,8 +23,8 @@ import torch
 from tqdm.auto import tqdm
 
 from tasks import image_to_text, text_to_image
-from tasks.shapes import Scene, caption, questions
-from tasks.shapes_eval import (
+from tasks.shapes.world import Scene, caption, questions
+from tasks.shapes.evaluate import (
     analyse_image,
     mean_scores,
     question_kind,
@@ -32,7 +32,7 @@ from tasks.shapes_eval import (
     score_caption,
     score_image,
 )
-from unified.data import image_text_samples
+from unified.data.streams import image_text_samples
 from unified.generate import GenerationConfig, ImageGenerationConfig
 from unified.model import ColaModel
 from vaes.image_vae import psnr

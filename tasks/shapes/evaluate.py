@@ -1,6 +1,6 @@
 """Shapes world evaluator: read an image back into its objects, and score captions and images.
 
-See :mod:`tasks.shapes` for the world. :func:`analyse_image` recovers a :class:`Scene` from an
+See :mod:`tasks.shapes.world` for the world. :func:`analyse_image` recovers a :class:`Scene` from an
 image: per grid cell, a soft foreground map (the brightest channel ramped around 0.5), presence
 from the foreground mass, colour by a foreground-weighted vote of the nearest palette direction
 (cosine, so a darkened or blurred edge keeps its hue), and shape + size jointly by the best soft
@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from tasks.shapes import (
+from tasks.shapes.world import (
     ATTRIBUTES,
     COLORS,
     PALETTE,
@@ -294,7 +294,7 @@ def score_caption(pred: str, scene: Scene) -> dict[str, float]:
 
 
 def question_kind(question: str) -> str:
-    """The kind of a :func:`tasks.shapes.questions` question: how_many, what_color, what_shape,
+    """The kind of a :func:`tasks.shapes.world.questions` question: how_many, what_color, what_shape,
     how_big or where_is (its first two words)."""
     return "_".join(question.split()[:2])
 

@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 from torch.distributed.tensor import DTensor
 
-from unified.checkpoint import optimizer_from_flat, optimizer_to_flat
+from unified.training.checkpoint import optimizer_from_flat, optimizer_to_flat
 from unified.model import ColaModel
 
 SHARDED_PREFIXES = ("vae.", "prior.", "image_vae.")
