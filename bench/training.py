@@ -115,7 +115,7 @@ def compute_step(tr: Trainer, micro) -> None:
 
 def measure(tr: Trainer, steps: int, profile: bool) -> dict:
     trainable = [p for p in tr.model.parameters() if p.requires_grad]
-    micro = next(tr._batches())
+    micro = tr._next_micro(tr._batches())
     tokens = sum(int((mb["text"]["sample_ids"] >= 0).sum()) for mb in micro)
     blocks = tr.model.prior.blocks if getattr(tr.model, "prior", None) is not None else []
     compiled = [blk.compiled for blk in blocks]

@@ -37,7 +37,9 @@ class Task(Protocol):
     name: str
 
     def training_sample(self, record: dict, ctx: SampleContext) -> TaskSample:
-        """A record {"image": [3, H, W], "caption": str, "meta": dict | None} as a sample."""
+        """A record {"image", "caption": str, "meta": dict | None} as a sample; the image
+        ([3, H, W] in [-1, 1], or an undecoded unified.data.records.ImageRef that the trainer
+        decodes for the rank that trains on it) goes into the sample as it is."""
         ...
 
 

@@ -30,6 +30,19 @@ def recipe(prompt: int) -> list[SegmentSpec]:
     return [*CONDITION, SegmentSpec(SEG_N, MODALITY_TEXT, 1, target=True, prompt=prompt)]
 
 
+def shapes_scene(meta):
+    """The shapes-world scene a record's .json describes, or None for any other metadata
+    (real img2dataset metadata, garbage): questions are a shapes-only feature."""
+    if not isinstance(meta, dict) or not isinstance(meta.get("objects"), list):
+        return None
+    from tasks.shapes.world import Scene
+
+    try:
+        return Scene.from_json(meta)
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
 class ImageToText:
     name = NAME
 
@@ -40,11 +53,11 @@ class ImageToText:
         answer is padded to whole blocks, as generation fills them."""
         cfg, rng, tok = ctx.cfg, ctx.rng, ctx.tokenizer
         instruction, answer = INSTRUCTION, record["caption"]
-        scene = record.get("meta")
-        if cfg.question_prob > 0 and scene and rng.random() < cfg.question_prob:
-            from tasks.shapes.world import Scene, questions
+        scene = shapes_scene(record.get("meta")) if cfg.question_prob > 0 else None
+        if scene is not None and rng.random() < cfg.question_prob:
+            from tasks.shapes.world import questions
 
-            instruction, answer = rng.choice(questions(Scene.from_json(scene)))
+            instruction, answer = rng.choice(questions(scene))
         ids = encode_piece(tok, answer, ctx.max_len, pad_to=ctx.block_size)
         n_real = ids.index(tok.eos_token_id) + 1
         prompt = 1  # [bos]

@@ -42,6 +42,9 @@ class VAEConfig:
     heads: int = 4
     mlp_ratio: float = 4.0
     act: Activation = ACT  # MLP activation: "gelu" (exact) or "gelu_tanh" (DiT's approximation)
+    # an existing Hugging Face tokenizer folder to use instead of training a BPE in stage 1
+    # (special tokens found by name, missing ones added; the vocabulary is its size)
+    tokenizer: str = ""
 
 
 @dataclass
@@ -94,6 +97,7 @@ class ImageConfig:
     patch_size: int = 2  # latent patch -> one prior token of latent_channels * p * p values
     time: TimeConfig = TimeConfig(loc=0.0, scale=1.0)  # logit-normal training time of image tokens
     lr_mult: float = 1.0  # stage 1: image VAE learning rate multiplier
+    flip: bool = False  # training: mirror half of the images (not for captions saying "left")
 
 
 @dataclass
@@ -108,15 +112,21 @@ class TasksConfig:
 
 @dataclass
 class DataConfig:
-    train: str = "data/stdlib/train"
+    # train / pairs: shards (a folder, a file list, a brace pattern or any URL webdataset reads)
+    # or a table {source: ratio} of several shard sources, mixed by ratio
+    train: str | dict[str, float] = "data/stdlib/train"
     heldout: str = "data/stdlib/heldout"
     seq_len: int = 256
     batch_size: int = 16  # packed prose rows per step (text-to-text), global
-    pairs: str = ""  # image-text shards (img2dataset layout); "" = a text-only model
+    pairs: str | dict[str, float] = ""  # image-text shards (img2dataset layout); "" = text only
     pairs_heldout: str = ""
     pair_batch_size: int = 0  # image-text samples per step, global
     tokenizer_docs: int = 20000  # documents used to train the BPE in stage 1
     shuffle_buffer: int = 1000  # samples mixed across drawn shards (a shard reads in order)
+    caption_key: str = ""  # "" = the caption is KEY.txt; else this key of KEY.json
+    long_captions: Literal["truncate", "skip"] = "truncate"  # a caption longer than fits
+    max_bad_samples: int = 1000  # unusable samples in a row before a stream stops the run
+    workers: int = 0  # DataLoader processes decoding the images of this rank's slices
 
 
 @dataclass
@@ -151,6 +161,10 @@ class TrainConfig:
     # (e.g. more prose rows for the Text VAE in stage 1 than the prior needs in stage 2)
     batch_size: int | None = None
     pair_batch_size: int | None = None
+    # held-out loss (data.heldout prose, data.pairs_heldout task samples) every this many
+    # steps, on eval_batches global batches drawn once (0 = off)
+    eval_every: int = 0
+    eval_batches: int = 4
 
 
 @dataclass

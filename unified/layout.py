@@ -101,40 +101,51 @@ def text_to_text_layout(
     positions: torch.Tensor,
     cfg: TextLayoutConfig,
     generator: torch.Generator | None = None,
+    rows: tuple[int, int] | None = None,
 ) -> Layout:
     """Training layout [clean z0 | noisy z_t] for packed text rows.
 
     z0 [B, L, d] prior-space latents (gradient flows into the noisy copy and the target, not
     into the clean history), sample_ids / positions [B, L] latent-level. Returns a 2L Layout.
+    `rows` = (offset, total): these B rows are rows offset.. of a global batch of `total`;
+    the random tables are drawn for all `total` rows and sliced, so a slice (a rank's share)
+    gets exactly the draws a single process would give those rows.
     """
     b, n, _ = z0.shape
     dev = z0.device
+    off, total = rows if rows is not None else (0, b)
+
+    def rand(*shape, normal=False):  # [total, *shape] drawn, this slice's rows kept
+        draw = torch.randn if normal else torch.rand
+        return draw((total, *shape), device=dev, generator=generator)[off:off + b]
+
     valid = sample_ids >= 0
     bs = cfg.block_size
     block = positions // bs
 
     # condition length s per sample: [bos] only, or a uniform prefix of the sample
     lengths = sample_lengths(sample_ids)  # [B, L]
-    u = per_sample_table(sample_ids, torch.rand(b, n, device=dev, generator=generator))
-    keep_prompt = per_sample_table(
-        sample_ids, torch.rand(b, n, device=dev, generator=generator) >= cfg.uncond_prompt_prob)
+    u = per_sample_table(sample_ids, rand(n))
+    keep_prompt = per_sample_table(sample_ids, rand(n) >= cfg.uncond_prompt_prob)
     s = torch.where(keep_prompt, 1 + (u * (lengths - 1).clamp_min(0)).long(), torch.ones_like(u).long())
     in_prompt = positions < s
     cond_block = block < (s // bs)  # whole blocks of the prompt: segment C
     pinned = in_prompt & ~cond_block  # prompt tokens inside the first target block
 
     # one t per (sample, block) for text (DESIGN §3), pinned tokens at t = 0
-    n_blocks = int(block.max()) + 1 if n else 1
-    t_table = sample_logit_normal((b, n, n_blocks), cfg.time.loc, cfg.time.scale, device=dev,
-                                  generator=generator)
+    if rows is None:
+        n_blocks = int(block.max()) + 1 if n else 1
+    else:  # the same table width on every slice
+        n_blocks = (n - 1) // bs + 1 if n else 1
+    t_table = sample_logit_normal((total, n, n_blocks), cfg.time.loc, cfg.time.scale,
+                                  device=dev, generator=generator)[off:off + b]
     t_tok = per_sample_table(sample_ids, t_table)  # [B, L, n_blocks]
     t_tok = t_tok.gather(2, block[..., None]).squeeze(-1).masked_fill(pinned, 0.0)  # [B, L]
-    eps = torch.randn(z0.shape, device=dev, generator=generator, dtype=z0.dtype)
+    eps = rand(n, z0.shape[-1], normal=True).to(z0.dtype)
     z_t = interpolate(z0, eps, t_tok.to(z0.dtype))
     z_t = torch.where(pinned[..., None], z0, z_t)
 
-    dropped = per_sample_table(
-        sample_ids, torch.rand(b, n, device=dev, generator=generator) < cfg.cond_drop_prob)
+    dropped = per_sample_table(sample_ids, rand(n) < cfg.cond_drop_prob)
     segment = torch.where(cond_block, SEG_C, SEG_N).masked_fill(~valid, SEG_PAD)
     loss = valid & ~cond_block & ~pinned
     zeros = torch.zeros_like(valid)
@@ -315,12 +326,13 @@ def stack_rows(rows: list[list[dict[str, torch.Tensor]]], dropped: list[bool], w
 
 def build_layout(samples: list[list[Segment]], block_size: int,
                  times: dict[int, TimeConfig], cond_drop_prob: float | list[float] = 0.0,
-                 generator: torch.Generator | None = None) -> Layout:
+                 generator: torch.Generator | list[torch.Generator] | None = None) -> Layout:
     """2L training layout of heterogeneous samples, one sample per row (right-padded):
     [clean copy of the history | noisy copy of the target segments].
 
     One t per (sample, block), drawn from its modality's logit-normal; CFG drops a sample's
     droppable condition with probability `cond_drop_prob` (one value, or one per sample).
+    `generator` may be a list, one per sample (each sample's draws then depend on it alone).
     The clean copy is detached (stop-gradient on the history) and holds only what some noisy
     block can see (blocks before the sample's last target block): the clean copy of the last
     target block would be computed for nothing. Gradients reach the latents through the noisy
@@ -330,8 +342,9 @@ def build_layout(samples: list[list[Segment]], block_size: int,
     dev = samples[0][0].z0.device
     drop_probs = (cond_drop_prob if isinstance(cond_drop_prob, list)
                   else [cond_drop_prob] * len(samples))
+    gens = generator if isinstance(generator, list) else [generator] * len(samples)
     rows, drops = [], []
-    for segs, drop_prob in zip(samples, drop_probs):
+    for segs, drop_prob, generator in zip(samples, drop_probs, gens):
         pairs = split_prompt(segs, block_size)
         segs = [s for s, _ in pairs]
         blocks = [b.to(dev) for b in segment_blocks(segs, block_size)]

@@ -39,6 +39,7 @@ from unified.layout import (
     place,
     text_to_text_layout,
 )
+from unified.losses import Terms, from_mean
 from vaes import image_vae as iv
 from vaes.text_vae import TextVAE
 from vaes.tokenizer import load_tokenizer
@@ -144,6 +145,7 @@ class ColaModel(nn.Module):
         self.image_patch_size, self.image_size = image_patch_size, image_size
         self.image_time = image_time or TimeConfig()
         self.ref_vae: TextVAE | None = None
+        self.image_vae_source: Path | None = None  # its pretrained folder, if loaded from one
 
     @property
     def block_size(self) -> int:
@@ -159,8 +161,10 @@ class ColaModel(nn.Module):
 
     def with_prior(self, prior: DiT) -> ColaModel:
         """The same model with another prior (e.g. its EMA), sharing every other part."""
-        return ColaModel(self.vae, prior, self.tokenizer, self.layout_cfg, self.image_vae,
-                         self.image_patch_size, self.image_time, self.image_size)
+        model = ColaModel(self.vae, prior, self.tokenizer, self.layout_cfg, self.image_vae,
+                          self.image_patch_size, self.image_time, self.image_size)
+        model.image_vae_source = self.image_vae_source
+        return model
 
     def freeze_reference(self) -> None:
         """Snapshot the current Text VAE as the frozen reference encoder q_phi_ref."""
@@ -215,10 +219,46 @@ class ColaModel(nn.Module):
         return iv.decode(self.image_vae, z.to(self.image_vae.dtype)).float()
 
     # ----------------------------------------------------------------- losses
-    def forward(self, batch: dict, stage: int, w: LossConfig, generator=None):
-        """(loss, logged terms) of a training stage; the entry point DDP wraps. `batch` holds
-        "text" (packed prose rows) and/or "pairs" (collated task samples, unified/data/streams.py)."""
+    def forward(self, batch: dict, stage: int, w: LossConfig, generator=None) -> Terms:
+        """Loss terms of a training stage as (sum, count) (unified/losses.py; `combine` turns
+        their means into the loss); the entry point DDP wraps. `batch` holds "text" (packed
+        prose rows) and/or "pairs" (collated task samples, unified/data/streams.py), and optionally
+        "rng": {"step": seed, "rows": (offset, total)}, which makes the prose layout draw
+        what the whole global batch of `total` rows would and keep rows offset.., and the
+        pairs' "seeds" give each task sample its own random stream; a slice of a global
+        batch then draws the same flow noise and times as one process would."""
         return (self.stage1_loss if stage == 1 else self.stage2_loss)(batch, w, generator)
+
+    @staticmethod
+    def term_names(stage: int, tasks: list[str], prose: bool, image_trainable: bool) -> list[str]:
+        """Every term a training forward may return (its present ones have positive counts),
+        so that every rank reduces the same terms in the same order."""
+        names = ["recon", "kl", "mask", "acc"]
+        if stage == 1:
+            return names + (["image", "image_l1", "image_mse", "image_kl"] if image_trainable
+                            and tasks else [])
+        return names + ["ref_kl"] + (["fm_text_to_text"] if prose else []) + \
+            [f"fm_{t}" for t in tasks]
+
+    @staticmethod
+    def combine(means: dict[str, torch.Tensor], stage: int, w: LossConfig
+                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(loss, logged values) from the means of the present terms; linear in the means.
+        Stage 1: recon + beta KL + lambda_mask mask (+ the image VAE's loss). Stage 2:
+        lambda_vae (that) + lambda_fm L_FM + lambda_ref KL to the reference encoder, L_FM the
+        `loss.task_weights` average of the flow losses of the tasks present."""
+        zero = next(iter(means.values())) * 0 if means else torch.zeros(())
+        get = lambda k: means.get(k, zero)  # noqa: E731
+        loss = get("recon") + w.beta * get("kl") + w.lambda_mask * get("mask")
+        logs = {k: v.detach() for k, v in means.items() if k != "image"}
+        if stage == 1:
+            return loss + get("image"), logs
+        fms = {k[3:]: v for k, v in means.items() if k.startswith("fm_")}
+        weights = {k: w.task_weights.get(k, 1.0) for k in fms}
+        fm = sum((weights[k] * v for k, v in fms.items()), zero) / max(sum(weights.values()),
+                                                                      1e-8)
+        logs["fm"] = fm.detach()
+        return w.lambda_vae * loss + w.lambda_fm * fm + w.lambda_ref * get("ref_kl"), logs
 
     @staticmethod
     def _text_rows(batch: dict) -> dict | None:
@@ -228,29 +268,33 @@ class ColaModel(nn.Module):
             return None
         return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
-    def _vae_terms(self, rows: dict | None, w: LossConfig, generator) -> tuple[torch.Tensor, dict]:
+    def _vae_terms(self, rows: dict | None, w: LossConfig, generator) -> Terms:
         if rows is None:
-            return torch.zeros((), device=self.vae.device), {}
+            return {}
         terms = self.vae.stage1_terms(rows, mask_prob=w.mask_prob, decoder_noise=w.decoder_noise,
                                       sample=w.sample_posterior, generator=generator)
-        loss = terms["recon"] + w.beta * terms["kl"] + w.lambda_mask * terms["mask"]
-        return loss, {k: terms[k] for k in ("recon", "kl", "mask", "acc")}
+        return {k: from_mean(terms[k], terms["counts"][k]) for k in ("recon", "kl", "mask", "acc")}
 
-    def stage1_loss(self, batch: dict, w: LossConfig, generator=None) -> tuple[torch.Tensor, dict]:
-        loss, logs = self._vae_terms(self._text_rows(batch), w, generator)
+    def stage1_loss(self, batch: dict, w: LossConfig, generator=None) -> Terms:
+        terms = self._vae_terms(self._text_rows(batch), w, generator)
         pairs = batch.get("pairs")
         if pairs and self.image_vae is not None and self.image_vae_trainable:
-            img_loss, img_logs = iv.vae_loss(self.image_vae, pairs["images"],
+            images, valid = pairs["images"], pairs.get("valid")
+            n = images.shape[0] if valid is None else sum(map(bool, valid))
+            if n < images.shape[0]:  # placeholders of undecodable images carry no loss
+                keep = torch.tensor([bool(v) for v in valid], device=images.device)
+                images = images[keep] if n else images[:1]  # n = 0: still run it, weight 0
+            img_loss, img_logs = iv.vae_loss(self.image_vae, images,
                                              kl_weight=w.image_kl_weight, generator=generator)
-            loss = loss + img_loss
-            logs.update({f"image_{k}": v for k, v in img_logs.items()})
-        return loss, logs
+            terms["image"] = from_mean(img_loss, n)  # a mean over the batch's images
+            terms.update({f"image_{k}": from_mean(v, n) for k, v in img_logs.items()})
+        return terms
 
-    def stage2_loss(self, batch: dict, w: LossConfig, generator=None) -> tuple[torch.Tensor, dict]:
+    def stage2_loss(self, batch: dict, w: LossConfig, generator=None) -> Terms:
         if self.prior is None or self.ref_vae is None:
             raise RuntimeError("stage 2 needs a prior and a frozen reference encoder")
         rows = self._text_rows(batch)
-        vae_loss, logs = self._vae_terms(rows, w, generator)
+        terms = self._vae_terms(rows, w, generator)
         ids, sample_ids, positions = rows["input_ids"], rows["sample_ids"], rows["positions"]
         # latents of the uncorrupted text: what the prior models and generation encodes
         mean, logvar = self.vae.encode(ids, sample_ids, positions)  # [R, L, d] each
@@ -259,51 +303,67 @@ class ColaModel(nn.Module):
         with torch.no_grad():
             ref_mean, ref_logvar = self.ref_vae.encode(ids, sample_ids, positions)
         ref_kl = gaussian_kl(mean.float(), logvar.float(), ref_mean.float(), ref_logvar.float())
-        ref_kl = (ref_kl * lat_valid).sum() / lat_valid.sum().clamp_min(1)
+        terms["ref_kl"] = ((ref_kl * lat_valid).sum(), lat_valid.sum().float())
         z = self.vae.posterior_sample(mean, logvar, generator) if w.sample_posterior else mean
         z0 = self.vae.normalize(z)
 
-        task_losses: dict[str, torch.Tensor] = {}
+        rng = batch.get("rng") or {}
         n_prose = batch["text"]["input_ids"].shape[0] if batch.get("text") else 0
         if n_prose:
+            gen = generator
+            if "step" in rng:  # the global batch's tables, this slice's rows
+                gen = torch.Generator(z0.device).manual_seed(int(rng["step"]))
             lay = text_to_text_layout(z0[:n_prose], lat_s[:n_prose], lat_p[:n_prose],
-                                      self.layout_cfg, generator)
-            task_losses["text_to_text"] = self._flow_loss(lay)
+                                      self.layout_cfg, gen, rows=rng.get("rows"))
+            terms["fm_text_to_text"] = self._flow_loss(lay)
         if batch.get("pairs"):
-            task_losses.update(self._pair_flow_losses(batch["pairs"], z0[n_prose:], w, generator))
-        weights = {k: w.task_weights.get(k, 1.0) for k in task_losses}
-        fm = sum(weights[k] * v for k, v in task_losses.items()) / max(sum(weights.values()), 1e-8)
+            after = terms["fm_text_to_text"][0] if n_prose else None
+            terms.update({f"fm_{k}": v for k, v in self._pair_flow_losses(
+                batch["pairs"], z0[n_prose:], w, generator, after).items()})
+        return terms
 
-        loss = w.lambda_vae * vae_loss + w.lambda_fm * fm + w.lambda_ref * ref_kl
-        logs.update(fm=fm.detach(), ref_kl=ref_kl.detach(),
-                    **{f"fm_{k}": v.detach() for k, v in task_losses.items()})
-        return loss, logs
-
-    def _flow_loss(self, lay) -> torch.Tensor:
-        """Token-mean velocity MSE over a layout's loss tokens."""
+    def _flow_loss(self, lay, per_row: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sum, count) of the velocity MSE over a layout's loss tokens (per row: [B] each)."""
         z, target = self.prior_in(lay.z), self.prior_in(lay.target)
         v = self.prior(z, lay.t, lay.modality, lay.positions, lay.attention_mask())
         err = (v.float() - target.float()).pow(2).mean(-1) * lay.loss_mask  # [B, N]
-        return err.sum() / lay.loss_mask.sum().clamp_min(1)
+        if per_row:
+            return err.sum(1), lay.loss_mask.sum(1).float()
+        return err.sum(), lay.loss_mask.sum().float()
 
     def _pair_flow_losses(self, pairs: dict, z_pieces: torch.Tensor, w: LossConfig,
-                          generator) -> dict[str, torch.Tensor]:
-        """Flow loss of every task: the latents of each sample's text pieces and images placed
-        as its recipe says (unified.layout.place), one 2L layout per task (samples of a task
-        have similar lengths, so rows carry little padding)."""
+                          generator, after: torch.Tensor | None = None
+                          ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Flow loss (sum, count) of every task: the latents of each sample's text pieces and
+        images placed as its recipe says (unified.layout.place), all samples in one 2L layout
+        and one prior call whatever tasks the batch holds (under FSDP every rank must call the
+        sharded prior equally often), the errors then summed per task. Samples with "seeds"
+        draw their times and noise from their own generators; a sample marked not "valid"
+        (its image failed to decode) keeps its place with no loss. `after` (the prose flow
+        loss) enters the layout times zero: backward then finishes this prior call before it
+        starts the prose call's, the same order on every rank (FSDP2 gathers the sharded
+        blocks in that order, and ranks that interleave the two calls differently deadlock)."""
         texts = [z_pieces[r, s:s + n] for r, s, n in pairs["piece_index"].tolist()]
         images = []
         if pairs["images"].shape[0]:
             with torch.no_grad():  # the image VAE is frozen in stage 2
                 images = list(self.encode_images(pairs["images"], w.sample_posterior, generator))
         grid = self.image_grid() if self.image_vae is not None else torch.zeros(0, 2)
+        samples = [place(recipe, texts, images, grid) for recipe in pairs["recipes"]]
+        gen = generator
+        if pairs.get("seeds") is not None:
+            dev = samples[0][0].z0.device
+            gen = [torch.Generator(dev).manual_seed(int(seed)) for seed in pairs["seeds"]]
+        lay = build_layout(samples, self.block_size, self.times, list(pairs["cond_drop"]), gen)
+        if after is not None:
+            lay.z = lay.z + 0.0 * after
+        if pairs.get("valid") is not None:
+            lay.loss_mask = lay.loss_mask & torch.tensor(pairs["valid"], device=lay.z.device)[:, None]
+        err, count = self._flow_loss(lay, per_row=True)
         losses = {}
         for task in dict.fromkeys(pairs["tasks"]):
-            rows = [i for i, name in enumerate(pairs["tasks"]) if name == task]
-            samples = [place(pairs["recipes"][i], texts, images, grid) for i in rows]
-            lay = build_layout(samples, self.block_size, self.times,
-                               [pairs["cond_drop"][i] for i in rows], generator)
-            losses[task] = self._flow_loss(lay)
+            rows = torch.tensor([name == task for name in pairs["tasks"]], device=err.device)
+            losses[task] = ((err * rows).sum(), (count * rows).sum())
         return losses
 
     # ----------------------------------------------------------------- save / load
@@ -320,17 +380,30 @@ class ColaModel(nn.Module):
                 "image_size": self.image_size,
                 "image_time": [self.image_time.loc, self.image_time.scale]}
 
-    def save_pretrained(self, folder: str | Path, weights: bool = True) -> None:
+    def save_pretrained(self, folder: str | Path, weights: bool = True,
+                        link_image_vae: bool = False) -> None:
         """Write the model folder; `weights=False` writes configs, tokenizer and index only
-        (the skeleton of a sharded checkpoint)."""
+        (the skeleton of a sharded checkpoint). `link_image_vae` (training checkpoints): a
+        frozen pretrained image VAE is written as its config and a reference to the weights
+        in its folder (image.pretrained), not as a copy; a model folder to keep or share
+        (final/, cola export) holds every weight itself."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         for name, part in (("text_vae", self.vae), ("prior", self.prior),
                            ("image_vae", self.image_vae)):
-            if part is not None:
-                (part.save_pretrained if weights else part.save_config)(folder / name)
+            if part is None:
+                continue
+            if name == "image_vae" and link_image_vae and self.image_vae_linkable:
+                iv.save_reference(part, folder / name, self.image_vae_source)
+                continue
+            (part.save_pretrained if weights else part.save_config)(folder / name)
         self.tokenizer.save_pretrained(folder / "tokenizer")
         (folder / MODEL_INDEX).write_text(json.dumps(self.index(), indent=2))
+
+    @property
+    def image_vae_linkable(self) -> bool:
+        """A frozen image VAE loaded from a pretrained folder (checkpoints refer to it)."""
+        return self.image_vae_source is not None and not self.image_vae_trainable
 
     @classmethod
     def from_pretrained(cls, folder: str | Path, device: str | torch.device = "cpu",
@@ -348,6 +421,9 @@ class ColaModel(nn.Module):
                 parts[name] = None
                 continue
             klass = getattr(importlib.import_module(PARTS[name][0]), PARTS[name][1])
+            if name == "image_vae" and iv.reference_of(folder / name) is not None:
+                parts[name] = iv.load_image_vae(folder / name)  # weights in image.pretrained
+                continue
             if weights:
                 parts[name] = load_part(klass, folder / name)
             else:
@@ -358,5 +434,7 @@ class ColaModel(nn.Module):
                     image_patch_size=index["image_patch_size"],
                     image_time=TimeConfig(*index["image_time"]),
                     image_size=index["image_size"])
+        if parts["image_vae"] is not None:
+            model.image_vae_source = iv.reference_of(folder / "image_vae")
         # weights may be stored in bf16 to keep the bundled model small; compute in fp32
         return model.to(device=device, dtype=torch.float32).eval()

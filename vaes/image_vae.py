@@ -15,6 +15,7 @@ Patchify: latents [B, C, H, W] -> tokens [B, (H/p)(W/p), C p p] in row-major ord
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -37,12 +38,66 @@ def small_image_vae(latent_channels: int = 4, widths: tuple[int, ...] = (32, 64,
         mid_block_add_attention=False)
 
 
+REFERENCE = "weights.json"  # a folder whose weights live in another folder
+STORED = ("latents_mean", "latents_std", "scaling_factor", "shift_factor")  # kept per folder
+SAME = ("in_channels", "out_channels", "latent_channels", "block_out_channels",
+        "down_block_types", "up_block_types", "layers_per_block")
+
+
 def load_image_vae(folder: str | Path) -> AutoencoderKL:
-    """A diffusers VAE folder (config.json + safetensors only; vaes/weights.py)."""
+    """A diffusers AutoencoderKL folder, or a folder written by `save_reference` (its config,
+    the weights read from the folder it refers to); config.json + safetensors only
+    (vaes/weights.py)."""
     folder = Path(folder)
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"no diffusers VAE at {folder}: expected {folder / 'config.json'}")
-    return load_part(AutoencoderKL, folder)
+    source = reference_of(folder)
+    if source is None:
+        return load_part(AutoencoderKL, folder)
+    vae = load_part(AutoencoderKL, source)
+    stored = AutoencoderKL.load_config(folder)
+    for key in SAME:
+        if key in stored and list(_seq(stored[key])) != list(_seq(vae.config[key])):
+            raise ValueError(f"{folder} refers to the image VAE in {source}, whose {key} is "
+                             f"{vae.config[key]}, not {stored[key]}: that folder was replaced")
+    vae.register_to_config(**{k: stored.get(k) for k in STORED if k in stored})
+    return vae
+
+
+def _seq(v):
+    return v if isinstance(v, (list, tuple)) else [v]
+
+
+def reference_of(folder: str | Path) -> Path | None:
+    """The folder holding the weights of a `save_reference` folder (checked: every weight
+    file still there with its size), or None for an ordinary VAE folder."""
+    ref_file = Path(folder) / REFERENCE
+    if not ref_file.is_file():
+        return None
+    ref = json.loads(ref_file.read_text())
+    source = Path(ref["folder"])
+    for name, size in ref["files"].items():
+        path = source / name
+        if not path.is_file() or path.stat().st_size != size:
+            raise FileNotFoundError(
+                f"{folder} refers to the image VAE weights {path} ({size} bytes), which are "
+                f"missing or changed: restore that folder (the run's image.pretrained), or "
+                f"export the model while it is there")
+    return source
+
+
+def save_reference(vae: AutoencoderKL, folder: str | Path, source: str | Path) -> None:
+    """Write `vae`'s config (with its latent statistics) and a reference to its weights in
+    the diffusers folder `source` (which must hold exactly these weights: a frozen pretrained
+    VAE) instead of a copy of them."""
+    folder, source = Path(folder), Path(source).resolve()
+    files = {f.name: f.stat().st_size for f in sorted(source.glob("*.safetensors"))}
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors weights in {source} to refer to")
+    folder.mkdir(parents=True, exist_ok=True)
+    vae.save_config(folder)
+    (folder / REFERENCE).write_text(json.dumps({"folder": str(source), "files": files},
+                                               indent=2))
 
 
 def _stats(vae: AutoencoderKL, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

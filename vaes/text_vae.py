@@ -250,7 +250,8 @@ class TextVAE(ModelMixin, ConfigMixin):
         """Per-token quantities for the stage-1 loss (the caller weights and sums them).
 
         Returns dict with mean/logvar/z (posterior sample) [B, L/p, d], recon and mask CE
-        (scalars, mean over their tokens), kl (mean per latent), token accuracy.
+        (scalars, mean over their tokens), kl (mean per latent), token accuracy, and "counts":
+        how many tokens / latents each of the four means is over.
         """
         ids, sample_ids, positions = batch["input_ids"], batch["sample_ids"], batch["positions"]
         valid = sample_ids >= 0
@@ -269,4 +270,7 @@ class TextVAE(ModelMixin, ConfigMixin):
         kl = kl / lat_valid.sum().clamp_min(1)
         acc = ((logits.argmax(-1) == ids) & valid).sum() / valid.sum().clamp_min(1)
         return {"mean": mean, "logvar": logvar, "z": z, "recon": recon, "mask": masked,
-                "kl": kl, "acc": acc.detach()}
+                "kl": kl, "acc": acc.detach(),
+                # items each mean is over (a sum over several batches is mean x count)
+                "counts": {"recon": plain.sum(), "mask": chosen.sum(), "kl": lat_valid.sum(),
+                           "acc": valid.sum()}}

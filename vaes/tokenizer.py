@@ -1,7 +1,9 @@
 """Byte-level BPE tokenizer: trained with `tokenizers`, used as a `PreTrainedTokenizerFast`.
 
-The special tokens have fixed ids: ``<pad>`` 0, ``<bos>`` 1, ``<eos>`` 2, ``<mask>`` 3.
-Save with ``tok.save_pretrained(folder)`` and load with :func:`load_tokenizer`.
+A trained tokenizer's special tokens have fixed ids: ``<pad>`` 0, ``<bos>`` 1, ``<eos>`` 2,
+``<mask>`` 3. An existing tokenizer folder can be adopted instead (:func:`adopt_tokenizer`:
+its special tokens found by name, missing ones added). Save with ``tok.save_pretrained(folder)``
+and load with :func:`load_tokenizer`.
 """
 
 from __future__ import annotations
@@ -55,7 +57,8 @@ def train_tokenizer(
 
 
 def load_tokenizer(path: str | Path) -> PreTrainedTokenizerFast:
-    """Load a tokenizer folder written by ``tok.save_pretrained(path)``."""
+    """Load a tokenizer folder written by ``tok.save_pretrained(path)``: one trained here
+    (special ids 0-3) or one adopted by :func:`adopt_tokenizer` (its own ids)."""
     folder = Path(path)
     if not folder.is_dir():
         raise FileNotFoundError(f"tokenizer folder not found: {folder}")
@@ -68,10 +71,45 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerFast:
     except Exception as e:  # noqa: BLE001 - the Rust parser's errors name no file
         raise ValueError(f"{folder / 'tokenizer.json'}: not a readable tokenizer "
                          f"({type(e).__name__}: {str(e).strip()[:200]})") from e
-    for i, token in enumerate(SPECIAL_TOKENS):
-        if tok.convert_tokens_to_ids(token) != i:
-            raise ValueError(f"{folder}: special token {token!r} must have id {i}")
+    for role in ROLES:
+        if getattr(tok, f"{role}_token_id") is None:
+            raise ValueError(f"{folder}: the tokenizer has no {role} token")
     return tok
+
+
+ROLES = ("pad", "bos", "eos", "mask")
+# names an existing tokenizer may give each role (its own declared special tokens first)
+ROLE_NAMES = {"pad": (PAD, "[PAD]", "<|pad|>"),
+              "bos": (BOS, "<s>", "[CLS]", "<|startoftext|>", "<|begin_of_text|>"),
+              "eos": (EOS, "</s>", "[SEP]", "<|endoftext|>", "<|end_of_text|>"),
+              "mask": (MASK, "[MASK]", "<|mask|>")}
+
+
+def adopt_tokenizer(path: str | Path) -> tuple[PreTrainedTokenizerFast, list[str]]:
+    """An existing Hugging Face tokenizer folder (tokenizer.json) for a new model, and the
+    special tokens that had to be added. Each role (pad, bos, eos, mask) takes the token the
+    tokenizer declares for it, else a token of its vocabulary with a usual name for it
+    (<s>, </s>, [PAD], <|endoftext|>, ...), else a new special token appended to the
+    vocabulary (the Text VAE's vocabulary is len(tokenizer), so it follows)."""
+    folder = Path(path)
+    if not (folder / "tokenizer.json").is_file():
+        raise FileNotFoundError(f"no tokenizer.json in {folder}: vae.tokenizer must be a Hugging "
+                                f"Face tokenizer folder (saved with save_pretrained)")
+    tok = PreTrainedTokenizerFast.from_pretrained(str(folder))
+    tok.model_max_length = MODEL_MAX_LENGTH
+    vocab = tok.get_vocab()
+    added, roles = [], {}
+    for role in ("eos", "bos", "pad", "mask"):  # four distinct tokens (GPT-2: eos only)
+        declared = getattr(tok, f"{role}_token")
+        names = ((declared,) if declared else ()) + ROLE_NAMES[role]
+        taken = set(roles.values())
+        found = next((n for n in names if n in vocab and n not in taken), None)
+        if found is None:
+            found = ROLE_NAMES[role][0]
+            added.append(found)
+        roles[f"{role}_token"] = found
+    tok.add_special_tokens(roles)
+    return tok, added
 
 
 def encode_document(tok: PreTrainedTokenizerFast, text: str, max_len: int) -> list[list[int]]:

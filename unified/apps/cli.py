@@ -7,6 +7,7 @@
     cola train --preset text-default --stage 1 --out runs/s1
     cola train --preset text-default --stage 2 --init runs/s1/final --out runs/s2
     cola export runs/s2/final demo/checkpoint --force
+    cola export runs/s2/checkpoints/step-00002000 mid-run --ema
     cola generate "The function returns" --max-new-tokens 64 --guidance 2 --seed 0
     cola caption scene.png --question "how many objects are there?"
     cola imagine "a large red circle at the top left" -o out.png --trajectory strip.png
@@ -137,12 +138,37 @@ def check_export_destination(dst: Path, force: bool) -> bool:
     return True
 
 
+def export_source(src: str | Path, ema: bool = False):
+    """The model in a model folder, or in a training checkpoint (runs/X/checkpoints/step-N,
+    sharded or not); `ema`: with the checkpoint's EMA prior."""
+    from unified.model import ColaModel
+
+    src = Path(src)
+    if not (src / "trainer.json").is_file():
+        if ema:
+            raise UserError(f"--ema needs a training checkpoint (a runs/NAME/checkpoints/step-N "
+                            f"folder); {src} is a model folder (a run's final/ already holds "
+                            f"its EMA prior)")
+        return ColaModel.from_pretrained(src)
+    if (src / "model-shard-0.safetensors").is_file():
+        from unified.training.fsdp import load_sharded_model
+
+        model = load_sharded_model(src)
+    else:
+        model = ColaModel.from_pretrained(src / "model")
+    if ema:
+        if not (src / "ema_prior" / "config.json").is_file():
+            raise UserError(f"{src} has no EMA prior (trained with stage2.ema_decay = 0)")
+        from prior.dit import DiT
+
+        model = model.with_prior(DiT.from_pretrained(src / "ema_prior", low_cpu_mem_usage=False))
+    return model.float().eval()
+
+
 def cmd_export(args) -> None:
     import tempfile
 
     import torch
-
-    from unified.model import ColaModel
 
     dst = Path(args.dst)
     replace = check_export_destination(dst, args.force)
@@ -152,7 +178,7 @@ def cmd_export(args) -> None:
         raise UserError(f"cannot write to the folder {dst.parent} ({e.strerror})") from None
     old = None
     try:
-        model = ColaModel.from_pretrained(args.src)
+        model = export_source(args.src, args.ema)
         if args.dtype == "bf16":
             model.to(torch.bfloat16)
         model.save_pretrained(tmp)
@@ -305,8 +331,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "none: start over; or a checkpoint folder")
     s.set_defaults(fn=cmd_train)
 
-    s = sub.add_parser("export", help="copy a model folder (config.json + safetensors) into "
-                                      "a new or empty folder")
+    s = sub.add_parser("export", help="write a model folder (config.json + safetensors) from a "
+                       "model folder or a training checkpoint into a new or empty folder")
     s.add_argument("src")
     s.add_argument("dst")
     s.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32",
@@ -314,6 +340,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--force", action="store_true",
                    help="replace a Cola model folder at DST (any other non-empty folder is "
                         "refused)")
+    s.add_argument("--ema", action="store_true",
+                   help="SRC is a training checkpoint: export it with its EMA prior")
     s.set_defaults(fn=cmd_export)
 
     add_parsers(sub)  # generate, caption, imagine, demo, serve

@@ -33,6 +33,7 @@ from typing import Any
 from PIL import Image
 
 from prior.flow import SAMPLERS
+from unified.data.images import draft
 from unified.generate import MAX_SEED
 
 MAX_PROMPT_CHARS = 2000
@@ -207,8 +208,9 @@ def check_image_size(w: int, h: int) -> None:
         raise ValueError("the image is empty")
 
 
-def _open(fp, name: str) -> Image.Image:
-    """Open (header only), check the size, then decode; every failure is a ValueError."""
+def _open(fp, name: str, size: int | None = None) -> Image.Image:
+    """Open (header only), check the size, then decode (a JPEG at the reduced scale training
+    decodes it at for `size`: unified.data.images.draft); every failure is a ValueError."""
     try:
         with warnings.catch_warnings():  # the size check below refuses huge images anyway
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -221,19 +223,20 @@ def _open(fp, name: str) -> Image.Image:
         raise ValueError(f"not a readable image: {name} ({type(e).__name__}: {e})") from None
     check_image_size(*image.size)
     try:
-        image.load()
+        draft(image, size).load()
     except Exception as e:  # noqa: BLE001 - e.g. a truncated file
         raise ValueError(f"not a readable image: {name} ({type(e).__name__}: {e})") from None
     return image
 
 
-def open_image(path: str | Path) -> Image.Image:
+def open_image(path: str | Path, size: int | None = None) -> Image.Image:
     """Read an image file; ValueError (one readable line) for a missing, unreadable or too
-    large file. The size is checked from the header, before the pixels are decoded."""
+    large file. The size is checked from the header, before the pixels are decoded; `size`:
+    the side the model will see (a JPEG is then decoded as training decodes it)."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"no such image file: {path}")
-    return _open(path, path.name)
+    return _open(path, path.name, size)
 
 
 def open_image_bytes(data: bytes, name: str = "the image") -> Image.Image:

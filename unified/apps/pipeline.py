@@ -27,6 +27,7 @@ from PIL import Image
 from tasks import image_to_text, text_to_image, text_to_text
 from unified.apps import inputs
 from unified.apps.inputs import MAX_IMAGE_SIDE, MAX_PROMPT_CHARS, open_image
+from unified.data.images import model_input, to_rgb
 from unified.generate import BlockOutput, GenerationConfig, ImageGenerationConfig
 from unified.layout import TextLayoutConfig, TimeConfig
 from unified.model import ColaModel, default_device
@@ -64,30 +65,33 @@ def to_pil(images: torch.Tensor) -> list[Image.Image]:
 
 
 def prepare_image(image, size: int) -> torch.Tensor:
-    """A PIL image, an array (HWC uint8 or float in [0, 1]) or a path -> [3, size, size] in
-    [-1, 1]. Raises ValueError for anything that is not a readable, reasonably sized image."""
+    """A PIL image, an array (HWC uint8 / uint16, or float in [0, 1]; 3 or 4 channels) or a
+    path -> [3, size, size] in [-1, 1], preprocessed exactly as training images are
+    (unified.data.images: EXIF orientation, alpha onto white, 16-bit scaled, shorter side resized
+    to `size`, center crop). Raises ValueError for anything that is not a readable,
+    reasonably sized image."""
     if isinstance(image, (str, Path)):
-        image = open_image(image)
+        image = open_image(image, size)
     if isinstance(image, np.ndarray):
         if image.ndim != 3 or image.shape[-1] not in (3, 4):
             raise ValueError(f"an image array must be H x W x 3 (or 4), got shape {image.shape}")
         inputs.check_image_size(image.shape[1], image.shape[0])
         if not np.isfinite(image).all():
             raise ValueError("the image holds NaN or infinite values")
-        arr = image[..., :3]
-        arr = (arr * 255 if arr.dtype.kind == "f" and arr.max() <= 1.0 else arr)
-        image = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), mode="RGB")
+        arr = image.astype(np.float64)
+        if image.dtype.kind == "f" and arr.max() <= 1.0:
+            arr = arr * 255
+        elif image.dtype.kind in "ui" and image.dtype.itemsize > 1 and arr.max() > 255:
+            arr = arr * (255.0 / 65535.0)  # 16-bit
+        image = Image.fromarray(np.clip(np.round(arr), 0, 255).astype(np.uint8))
     if not isinstance(image, Image.Image):
         raise ValueError(f"expected an image, got {type(image).__name__}")
     inputs.check_image_size(*image.size)  # before the pixels of a lazily opened image load
     try:
-        image = image.convert("RGB")
+        rgb = to_rgb(image)
     except Exception as e:  # noqa: BLE001 - e.g. a truncated file opened by the caller
         raise ValueError(f"not a readable image ({type(e).__name__}: {e})") from None
-    if image.size != (size, size):
-        image = image.resize((size, size), Image.BICUBIC)
-    arr = torch.from_numpy(np.asarray(image, dtype=np.float32).copy()).permute(2, 0, 1)
-    return arr / 127.5 - 1.0
+    return model_input(rgb, size)
 
 
 def check_prompt(prompt: str, what: str = "prompt", allow_empty: bool = False) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import glob
 import logging
+import re
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -46,18 +47,31 @@ def is_code_error(exn: BaseException) -> bool:
     return False
 
 
+class DataError(ValueError):
+    """A stream that yields nothing usable: too many bad samples in a row."""
+
+
 class SkipCounter:
     """Webdataset error handler that logs, counts per kind, and continues.
 
     Pass an instance as ``handler=`` to webdataset stages. ``counts`` maps a kind (the
     exception class name, with the cause for wrapped decoding errors) to how often it was
     skipped; ``total`` is the sum. A code or config error (``CODE_ERRORS``) is not bad data:
-    it is raised, not counted.
+    it is raised, not counted. ``fixed`` counts samples kept after a repair (a caption
+    truncated, unreadable metadata dropped: ``note(kind)``). With ``limit`` > 0, ``limit``
+    skips in a row (no ``ok()`` from the consumer in between) raise :class:`DataError`
+    naming the shard, the sample and the cause: a stream where nothing is usable stops
+    instead of looping forever. Warnings are logged for the first few skips of a kind, then
+    at 10, 100, 1000, ... of it.
     """
 
-    def __init__(self, name: str = "data") -> None:
-        self.name = name
+    LOGGED = 5  # warnings per kind before only every power of ten is logged
+
+    def __init__(self, name: str = "data", limit: int = 0) -> None:
+        self.name, self.limit = name, limit
         self.counts: Counter[str] = Counter()
+        self.fixed: Counter[str] = Counter()
+        self.in_a_row = 0
 
     @property
     def total(self) -> int:
@@ -88,33 +102,75 @@ class SkipCounter:
         if is_code_error(exn):
             exn.add_note("(a code or configuration error, not bad data: not skipped)")
             raise exn
+        if isinstance(exn, DataError):  # the limit was reached further down the pipeline
+            raise exn
         kind = self.kind(exn)
         self.counts[kind] += 1
+        self.in_a_row += 1
         where = self.where(exn)
         first = str(exn.args[0]) if exn.args else str(exn)
         cause = str(exn.__cause__) if exn.__cause__ is not None else ""
         msg = ": ".join(part for part in (first, cause) if part) or "(no message)"
-        logger.warning(
-            "%s: skipped bad input (%s%s): %s",
-            self.name,
-            kind,
-            f" in {where}" if where else "",
-            msg[:500],
-        )
+        where_msg = f" in {where}" if where else ""
+        n = self.counts[kind]
+        if n <= self.LOGGED or str(n).strip("0") == "1":
+            logger.warning("%s: skipped bad input (%s%s): %s%s", self.name, kind, where_msg,
+                           msg[:500], f" ({n} of this kind so far)" if n > self.LOGGED else "")
+        if self.limit and self.in_a_row >= self.limit:
+            raise DataError(f"{self.name}: {self.in_a_row} samples in a row were unusable; the "
+                            f"last one{where_msg}: {kind}: {msg[:300]}. Stopping: fix or "
+                            f"drop these shards (skipped so far: {dict(self.counts)})")
         return True
+
+    def ok(self) -> None:
+        """The consumer got a usable sample: the run of bad ones is over."""
+        self.in_a_row = 0
+
+    def note(self, kind: str, detail: str = "") -> None:
+        """Count a sample kept after a repair (logged like a skip, never stops a stream)."""
+        self.fixed[kind] += 1
+        n = self.fixed[kind]
+        if n <= self.LOGGED or str(n).strip("0") == "1":
+            logger.warning("%s: %s%s%s", self.name, kind, f": {detail}" if detail else "",
+                           f" ({n} so far)" if n > self.LOGGED else "")
+
+    def merge(self, counts: dict[str, int], fixed: dict[str, int]) -> None:
+        """Add counts reported by another process (a DataLoader worker)."""
+        self.counts.update(counts)
+        self.fixed.update(fixed)
 
     def __repr__(self) -> str:
         return f"SkipCounter(total={self.total}, counts={dict(self.counts)})"
 
 
-def expand_urls(spec: str | Path | Iterable[str | Path]) -> list[str]:
-    """Shard list from a directory (its ``*.tar``), a brace pattern, a file, or a list of those."""
+URL_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:")  # pipe:, http(s)://, s3://, gs://, ...
+
+Spec = str | Path | Iterable[str | Path] | dict[str, float]
+
+
+def is_url(text: str) -> bool:
+    """A shard address webdataset opens itself (pipe:, http(s)://, s3://, ...), as opposed to
+    a local path (a Windows drive letter is a path: schemes here are 2+ characters)."""
+    return bool(URL_SCHEME.match(text))
+
+
+def expand_urls(spec: Spec) -> list[str]:
+    """Shard list from a directory (its ``*.tar``), a brace pattern, a file, a URL that
+    webdataset reads (``pipe:cmd``, ``http(s)://``, ... brace patterns expanded, not checked
+    here: webdataset reports what it cannot open, and the stream skips it), a list of those,
+    or a dict {source: ratio} (all its shards; raw_samples mixes the sources by ratio)."""
+    if isinstance(spec, dict):
+        return [u for source in spec for u in expand_urls(source)]
     if isinstance(spec, (str, Path)):
         specs: list[str | Path] = [spec]
     else:
         specs = list(spec)
     urls: list[str] = []
     for item in specs:
+        text = str(item)
+        if is_url(text):
+            urls.extend(braceexpand.braceexpand(text))
+            continue
         path = Path(item)
         if path.is_dir():
             found = sorted(str(p) for p in path.glob("*.tar"))
@@ -122,7 +178,6 @@ def expand_urls(spec: str | Path | Iterable[str | Path]) -> list[str]:
                 raise FileNotFoundError(f"no *.tar shards in directory {path}")
             urls.extend(found)
             continue
-        text = str(item)
         found = []
         for pattern in braceexpand.braceexpand(text):
             if Path(pattern).is_file():
@@ -153,7 +208,7 @@ def _all_shards(src):
 
 
 def raw_samples(
-    urls: str | Path | Iterable[str | Path],
+    urls: Spec,
     *,
     seed: int = 0,
     resample: bool = False,
@@ -161,7 +216,20 @@ def raw_samples(
     handler: SkipCounter,
     same_on_all_ranks: bool = False,
 ):
-    """Undecoded samples (dicts of member bytes) from shards; see :func:`text_samples`."""
+    """Undecoded samples (dicts of member bytes) from shards; see :func:`text_samples`.
+    ``urls`` may be a dict {source: ratio}: each source is read as its own stream (seeded
+    apart) and every sample drawn from a source chosen by ratio (deterministic given
+    ``seed``, so every rank that reads ``same_on_all_ranks`` draws the same sequence)."""
+    if isinstance(urls, dict):
+        streams = {str(src): raw_samples(src, seed=seed + 1 + i, resample=resample,
+                                         handler=handler, same_on_all_ranks=same_on_all_ranks)
+                   for i, src in enumerate(urls)}
+        ratios = {str(src): float(r) for src, r in urls.items()}
+        pipeline = wds.DataPipeline(_Mixed(streams, ratios, seed))
+        if shuffle_buffer > 0:
+            pipeline = pipeline.compose(
+                wds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 100), seed=seed))
+        return pipeline
     shard_list = expand_urls(urls)
     if resample:
         pipeline = wds.DataPipeline(
@@ -185,8 +253,18 @@ def raw_samples(
     return pipeline
 
 
+class _Mixed(IterableDataset):
+    """Samples of several streams interleaved by ratio (see mix_streams)."""
+
+    def __init__(self, streams: dict, ratios: dict[str, float], seed: int) -> None:
+        self.streams, self.ratios, self.seed = streams, ratios, seed
+
+    def __iter__(self):
+        return (smp for _, smp in mix_streams(self.streams, self.ratios, seed=self.seed))
+
+
 def text_samples(
-    urls: str | Path | Iterable[str | Path],
+    urls: Spec,
     *,
     seed: int = 0,
     resample: bool = False,
@@ -208,64 +286,20 @@ def text_samples(
     pipeline = raw_samples(urls, seed=seed, resample=resample, shuffle_buffer=shuffle_buffer,
                            handler=handler, same_on_all_ranks=same_on_all_ranks)
     pipeline = pipeline.compose(wds.decode(only=["txt"], handler=handler))
-    return pipeline.compose(wds.map(_to_text, handler=handler))
+
+    def to_text(sample: dict) -> str:
+        text = _to_text(sample)
+        handler.ok()
+        return text
+
+    return pipeline.compose(wds.map(to_text, handler=handler))
 
 
-class MissingImageError(ValueError):
-    """An image-text sample without a decodable ``.png`` / ``.jpg`` member."""
+def image_text_samples(urls: Spec, *, image_size: int = 32, **kwargs) -> IterableDataset:
+    """Image-caption pairs with decoded images: see unified.data.records.image_text_samples."""
+    from unified.data.records import image_text_samples as samples
 
-
-IMAGE_KEYS = ("png", "jpg", "jpeg", "webp")
-
-
-def _to_image_text(sample: dict, image_size: int) -> dict:
-    """Sample (text members decoded, the image still bytes) -> {"key", "image" [3, S, S] in
-    [-1, 1], "caption", "meta"}; raises on a missing or undecodable member (the handler counts
-    and skips it). The image is decoded here, once, straight to RGB (webdataset's "pil"
-    decoder would open, load and convert it through its handler chain first)."""
-    import io
-
-    import numpy as np
-    from PIL import Image
-
-    key = sample.get("__key__")
-    raw = next((sample[k] for k in IMAGE_KEYS if k in sample), None)
-    if not isinstance(raw, bytes):
-        raise MissingImageError(f"sample {key!r} has no image")
-    text = sample.get("txt")
-    if not isinstance(text, str) or not text.strip():
-        raise MissingTextError(f"sample {key!r} has no caption")
-    img = Image.open(io.BytesIO(raw)).convert("RGB")
-    if img.size != (image_size, image_size):
-        img = img.resize((image_size, image_size), Image.BICUBIC)
-    arr = torch.from_numpy(np.asarray(img, dtype=np.float32).copy()).permute(2, 0, 1)
-    return {"key": key, "image": arr / 127.5 - 1.0, "caption": text.strip(),
-            "meta": sample.get("json")}
-
-
-def image_text_samples(
-    urls: str | Path | Iterable[str | Path],
-    *,
-    image_size: int = 32,
-    seed: int = 0,
-    resample: bool = False,
-    shuffle_buffer: int = 0,
-    skips: SkipCounter | None = None,
-    same_on_all_ranks: bool = False,
-) -> IterableDataset:
-    """Image-caption pairs (img2dataset layout ``KEY.png|jpg`` + ``KEY.txt`` [+ ``KEY.json``]).
-
-    A corrupt image, a missing caption or image (e.g. a tar cut between the two members) and
-    a truncated shard are skipped and counted in ``skips``; the stream goes on.
-    """
-    from functools import partial
-
-    handler = skips if skips is not None else SkipCounter()
-    pipeline = raw_samples(urls, seed=seed, resample=resample, shuffle_buffer=shuffle_buffer,
-                           handler=handler, same_on_all_ranks=same_on_all_ranks)
-    pipeline = pipeline.compose(wds.decode(only=["txt", "json"], handler=handler))
-    return pipeline.compose(wds.map(partial(_to_image_text, image_size=image_size),
-                                    handler=handler))
+    return samples(urls, image_size=image_size, **kwargs)
 
 
 def pack_batches(
@@ -325,7 +359,7 @@ def pack_batches(
 
 
 def text_batches(
-    urls: str | Path | Iterable[str | Path],
+    urls: Spec,
     tokenizer: Any,
     *,
     seq_len: int,
@@ -386,9 +420,11 @@ class TaskSample:
 
     task: str
     texts: list[list[int]]
-    images: list[torch.Tensor]
+    images: list  # tensors, or unified.data.records.ImageRef until the trainer decodes them
     recipe: list[SegmentSpec]
     cond_drop: float = 0.0
+    seed: int | None = None  # its own random stream in training (set by the trainer)
+    valid: bool = True  # False: a placeholder (its image did not decode), no loss
 
 
 def pack_pieces(pieces: list[list[int]], seq_len: int, pad_id: int
@@ -442,13 +478,16 @@ def collate_task_samples(samples: list[TaskSample], *, seq_len: int, pad_id: int
         "recipes": recipes,
         "cond_drop": [smp.cond_drop for smp in samples],
         "tasks": [smp.task for smp in samples],
+        "valid": [smp.valid for smp in samples],
+        "seeds": ([smp.seed for smp in samples]
+                  if samples and all(smp.seed is not None for smp in samples) else None),
     }
 
 
 def to_device(batch, device: torch.device):
     """Tensors of a (nested) batch moved to `device`; everything else as is."""
     if torch.is_tensor(batch):
-        return batch.to(device)
+        return batch.to(device, non_blocking=batch.is_pinned())
     if isinstance(batch, dict):
         return {k: to_device(v, device) for k, v in batch.items()}
     return batch

@@ -1,7 +1,8 @@
 """Training checkpoints as safetensors + JSON (never pickle), written atomically.
 
 A checkpoint folder `step-00001234/` holds:
-  model/            the model folder (ColaModel.save_pretrained)
+  model/            the model folder (ColaModel.save_pretrained; a frozen pretrained image VAE
+                    as its config + a reference to the weights in its folder, not a copy)
   ref_vae/          the frozen reference encoder (stage 2)
   ema_prior/        the EMA of the prior (stage 2, when enabled)
   optimizer.safetensors + optimizer.json   tensors and the rest of the optimizer state
@@ -136,7 +137,10 @@ def save_checkpoint(run_dir: Path, step: int, *, model, optimizer, trainer_state
                     rng: dict[str, torch.Tensor], keep: int, extra: dict | None = None) -> Path:
     """Write checkpoint `step` of an unsharded model atomically and prune to `keep`."""
     tmp, final = begin_checkpoint(run_dir, step)
-    model.save_pretrained(tmp / "model")
+    if hasattr(model, "image_vae_linkable"):  # a frozen pretrained image VAE: referred to
+        model.save_pretrained(tmp / "model", link_image_vae=True)
+    else:
+        model.save_pretrained(tmp / "model")
     if getattr(model, "ref_vae", None) is not None:
         model.ref_vae.save_pretrained(tmp / "ref_vae")
     for name, module in (extra or {}).items():  # e.g. the EMA prior

@@ -46,6 +46,16 @@ def barrier(info: DistInfo) -> None:
         dist.barrier()
 
 
+def sum_across_ranks(x: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """The element-wise sum over the ranks of a detached copy of x (x on the rank's device:
+    NCCL reduces CUDA tensors only)."""
+    if not info.enabled:
+        return x
+    x = x.detach().clone()
+    dist.all_reduce(x, op=dist.ReduceOp.SUM)
+    return x
+
+
 def mean_across_ranks(x: torch.Tensor, info: DistInfo) -> torch.Tensor:
     if not info.enabled:
         return x

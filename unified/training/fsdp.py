@@ -37,7 +37,9 @@ def shard_model(model: ColaModel, device_type: str, world: int) -> None:
     fully_shard(model.vae, mesh=mesh)
     for method in ("encode", "decode"):  # the VAE is called through these, not forward()
         register_fsdp_forward_method(model.vae, method)
-    if model.image_vae is not None:  # trained in stage 1, frozen (but still sharded) after
+    if model.image_vae is not None and not model.image_vae_linkable:
+        # trained in stage 1, frozen (but still sharded) after; a frozen pretrained VAE stays
+        # replicated and out of the shards (checkpoints refer to its folder)
         fully_shard(model.image_vae, mesh=mesh)
         for method in ("encode", "decode"):
             register_fsdp_forward_method(model.image_vae, method)
@@ -55,7 +57,8 @@ def save_shards(folder: Path, rank: int, model: ColaModel, optimizer) -> None:
     """Every rank: its local parameter shards and optimizer state."""
     sd = model.state_dict()
     shards = {k: _local(v).detach().contiguous().cpu() for k, v in sd.items()
-              if k.startswith(SHARDED_PREFIXES)}
+              if k.startswith(SHARDED_PREFIXES)
+              and not (k.startswith("image_vae.") and model.image_vae_linkable)}
     save_file(shards, str(folder / f"model-shard-{rank}.safetensors"))
     tensors, meta = optimizer_to_flat(optimizer, local=_local)
     save_file(tensors, str(folder / f"optimizer-shard-{rank}.safetensors"))
@@ -64,7 +67,7 @@ def save_shards(folder: Path, rank: int, model: ColaModel, optimizer) -> None:
 
 def save_skeleton(folder: Path, model: ColaModel) -> None:
     """Rank 0: configs, tokenizer and index of the model (no weights) + the reference VAE."""
-    model.save_pretrained(folder / "model", weights=False)
+    model.save_pretrained(folder / "model", weights=False, link_image_vae=True)
     if model.ref_vae is not None:
         model.ref_vae.save_pretrained(folder / "ref_vae")
 
@@ -100,7 +103,8 @@ def load_sharded_model(folder: str | Path) -> ColaModel:
     model = ColaModel.from_pretrained(folder / "model", weights=False)
     parts = [load_file(str(f)) for f in files]
     full = {k: torch.cat([p[k] for p in parts], dim=0) for k in parts[0]}
-    missing = [k for k in model.state_dict() if k.startswith(SHARDED_PREFIXES) and k not in full]
+    missing = [k for k in model.state_dict() if k.startswith(SHARDED_PREFIXES) and k not in full
+               and not (k.startswith("image_vae.") and model.image_vae_source is not None)]
     if missing:
         raise ValueError(f"sharded checkpoint {folder} lacks {missing[:3]}...")
     model.load_state_dict(full, strict=False)

@@ -23,6 +23,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import shutil
 import time
 from contextlib import nullcontext
@@ -35,14 +36,18 @@ from tqdm.auto import tqdm
 from prior.dit import DiT
 from unified.config import ColaConfig, TrainConfig
 from unified.data.streams import (
+    DataError,
     SkipCounter,
-    collate_task_samples,
     expand_urls,
     text_batches,
     to_device,
 )
+from unified.losses import Terms, from_mean
+from unified.losses import means as lmeans
 from unified.model import ColaModel, build_image_vae, build_prior, build_vae, default_device
 from unified.training import distributed as dist_utils
+from unified.training import setup
+from unified.training.batches import Slicing, StepStream
 from unified.training.checkpoint import (
     begin_checkpoint,
     checkpoint_dirs,
@@ -54,10 +59,10 @@ from unified.training.checkpoint import (
     optimizer_from_flat,
     save_checkpoint,
 )
+from unified.training.heldout import HeldOut
 from unified.training.malloc import keep_freed_memory
-from vaes import image_vae as iv
+from unified.training.monitor import Monitor
 from vaes.text_vae import TextVAE
-from vaes.tokenizer import load_tokenizer, train_tokenizer
 from vaes.weights import load_part
 
 log = logging.getLogger("cola.train")
@@ -113,6 +118,9 @@ class Trainer:
         self.tasks = tasks if cfg.data.pairs else None
         if self.tasks is not None and self.data.pair_batch_size < 1:
             raise ValueError("data.pairs is set but data.pair_batch_size is 0")
+        if self.tasks is None and self.data.batch_size < 1:
+            raise ValueError("nothing to train on: set data.train with data.batch_size > 0 "
+                             "(prose), or data.pairs (image-text shards)")
         self.device = resolve_device(self.tcfg.device)
         self.dist = dist_utils.init_distributed(self.device.type)
         if self.device.type == "cuda" and self.dist.enabled:
@@ -127,8 +135,11 @@ class Trainer:
         self.micro_rows = self.data.batch_size // per_step
         self.micro_pairs = self.data.pair_batch_size // per_step
         self.out.mkdir(parents=True, exist_ok=True)
-        self.train_urls = expand_urls(cfg.data.train) if self.data.batch_size else []
-        self.skips = SkipCounter()
+        self.train_spec = cfg.data.train if self.data.batch_size else None
+        if self.train_spec:
+            expand_urls(self.train_spec)  # local shards must exist (URLs are webdataset's)
+        limit = cfg.data.max_bad_samples
+        self.skips = {k: SkipCounter(k, limit) for k in ("text", "pairs", "images")}
         torch.manual_seed(self.tcfg.seed)
 
         if self.tcfg.parallel not in ("ddp", "fsdp"):
@@ -174,6 +185,9 @@ class Trainer:
         self.gen = torch.Generator(device=self.device).manual_seed(
             self.tcfg.seed + 1 + 1000 * self.dist.rank)
         self.step, self.data_pos, self.bad_steps = 0, 0, 0
+        self._names: list[str] | None = None  # the loss terms every rank reduces
+        self.decoded = 0  # images decoded for training, all ranks
+        self.heldout = HeldOut()
         if ckpt is not None:
             self._restore(ckpt)
         if self.dist.is_main:
@@ -196,31 +210,6 @@ class Trainer:
             raise ValueError(f"checkpoint {path} is damaged: {why}")
         return path
 
-    def _tokenizer(self, init):
-        if init is not None:
-            return load_tokenizer(Path(init) / "tokenizer")
-        tok_dir = self.out / "tokenizer"
-        if not self.dist.is_main:  # rank 0 trains (or finds) it; the others load its file
-            dist_utils.barrier(self.dist)
-            return load_tokenizer(tok_dir)
-        if (tok_dir / "tokenizer.json").is_file():
-            dist_utils.barrier(self.dist)
-            return load_tokenizer(tok_dir)
-        from unified.data.streams import text_samples
-
-        n = self.cfg.data.tokenizer_docs
-        texts = [t for i, t in zip(range(n), text_samples(self.train_urls, resample=False,
-                                                                skips=self.skips,
-                                                                same_on_all_ranks=True))
-                 ] if self.train_urls else []
-        if self.tasks is not None:  # captions, instructions, questions
-            texts += self.tasks.texts(n, self.skips)
-        log.info("training a %d-token BPE on %d documents", self.cfg.vae.vocab_size, len(texts))
-        tok = train_tokenizer(texts, vocab_size=self.cfg.vae.vocab_size)
-        tok.save_pretrained(tok_dir)
-        dist_utils.barrier(self.dist)
-        return tok
-
     def _build_model(self, init, ckpt) -> ColaModel:
         if self.cfg.model.kind != "cola":
             return self._build_baseline(init, ckpt)
@@ -236,15 +225,21 @@ class Trainer:
                 ref = load_part(TextVAE, ckpt / "ref_vae")
                 model.ref_vae = ref.requires_grad_(False).eval()
             return model
-        tok = self._tokenizer(init)
+        tok = setup.tokenizer(self, init)
+        pretrained = self.cfg.image.pretrained
         if self.stage == 1:
-            image_vae = build_image_vae(self.cfg) if self.tasks is not None else None
-            return self._configure(ColaModel(build_vae(self.cfg, tok), None, tok,
-                                             image_vae=image_vae))
-        base = self._configure(ColaModel.from_pretrained(init))
+            model = ColaModel(build_vae(self.cfg, tok), None, tok,
+                              image_vae=build_image_vae(self.cfg) if self.tasks else None)
+            if pretrained and self.tasks is not None:
+                model.image_vae_source = Path(pretrained).resolve()
+            return self._configure(model)
+        base = ColaModel.from_pretrained(init)
+        if pretrained and self.tasks is not None:  # honoured: this VAE, frozen, stats measured
+            setup.use_pretrained_image_vae(base, pretrained)
+        base = self._configure(base)
         if not base.vae.has_latent_stats or (
                 base.image_vae is not None and base.image_vae.config.latents_mean is None):
-            self._measure_latent_stats(base)
+            setup.measure_latent_stats(self, base)
         if base.prior is None:
             base.prior = build_prior(self.cfg, base.vae.config.latent_dim,
                                      base.image_token_dim if base.image_vae is not None else None)
@@ -262,7 +257,7 @@ class Trainer:
                              "on prose only, replicated (parallel='ddp')")
         if ckpt is not None:
             return load_model(ckpt / "model")
-        return build_baseline(self.cfg, self._tokenizer(init))
+        return build_baseline(self.cfg, setup.tokenizer(self, init))
 
     def _configure(self, model: ColaModel) -> ColaModel:
         """Training settings of this run on a built or loaded model: layout, image tokens and
@@ -274,30 +269,6 @@ class Trainer:
         if model.image_vae is not None and (self.stage == 2 or im.pretrained):
             model.image_vae.requires_grad_(False)
         return model
-
-    def _measure_latent_stats(self, model: ColaModel, n_batches: int = 8) -> None:
-        """Per-channel latent statistics (text, and images if missing), measured on the same
-        batches on every rank so every rank normalizes alike."""
-        vae = model.vae
-        stream = self._global_batches(model.tokenizer, self.tcfg.seed + 7,
-                                      vae.config.patch_size)
-        batches = []
-        for _, b in zip(range(n_batches), stream):
-            if "pairs" in b:
-                b["pairs"] = collate_task_samples(b["pairs"], seq_len=self.cfg.data.seq_len,
-                                                  pad_id=model.tokenizer.pad_token_id)
-            batches.append(b)
-        if not vae.has_latent_stats:
-            shift, scale = vae.measure_latent_stats(ColaModel._text_rows(b) for b in batches)
-            vae.set_latent_stats(shift, scale)
-            log.info("text latent stats: |shift| mean %.3f, scale mean %.3f",
-                     shift.abs().mean().item(), scale.mean().item())
-        if model.image_vae is not None and model.image_vae.config.latents_mean is None:
-            mean, std = iv.measure_latent_stats(model.image_vae,
-                                                (b["pairs"]["images"] for b in batches))
-            iv.set_latent_stats(model.image_vae, mean, std)
-            log.info("image latent stats: mean %s, std %s", [round(float(x), 3) for x in mean],
-                     [round(float(x), 3) for x in std])
 
     def _build_optimizer(self) -> torch.optim.Optimizer:
         o = self.cfg.optim
@@ -349,47 +320,69 @@ class Trainer:
         log.info("resumed from %s at step %d", ckpt, self.step)
 
     # ----------------------------------------------------------------- loop
-    def _global_batches(self, tokenizer, seed: int, patch_size: int):
-        """The deterministic global stream (the same on every rank): per step, "text" (the
-        global batch of packed prose rows) and "pairs" (the global list of task samples)."""
+    @property
+    def skipped(self) -> int:
+        """Samples skipped so far (this rank's count: the text and records are read alike
+        on every rank; undecodable images are this rank's)."""
+        return sum(c.total for c in self.skips.values())
+
+    def _stream(self, tokenizer, seed: int, patch_size: int, slicing: Slicing,
+                start: int = 0) -> StepStream:
+        """The global stream of this run (the same on every rank) and how it is cut."""
         d = self.data
-        texts = text_batches(self.train_urls, tokenizer, seq_len=d.seq_len,
-                             batch_size=d.batch_size, seed=seed, resample=True, skips=self.skips,
-                             shuffle_buffer=d.shuffle_buffer,
-                             multiple_of=patch_size, same_on_all_ranks=True
-                             ) if d.batch_size else None
-        pairs = self.tasks.samples(tokenizer, seed, self.skips) if self.tasks else None
-        while True:
-            batch = {}
-            if texts is not None:
-                batch["text"] = next(texts)
-            if pairs is not None:
-                batch["pairs"] = [next(pairs) for _ in range(d.pair_batch_size)]
-            yield batch
+
+        def texts():
+            return text_batches(self.train_spec, tokenizer, seq_len=d.seq_len,
+                                batch_size=d.batch_size, seed=seed, resample=True,
+                                skips=self.skips["text"], shuffle_buffer=d.shuffle_buffer,
+                                multiple_of=patch_size, same_on_all_ranks=True)
+
+        def pairs():
+            return self.tasks.samples(tokenizer, seed, self.skips["pairs"])
+
+        # stage 1 with a frozen (pretrained) image VAE trains on the captions alone
+        images = self.stage == 2 or not isinstance(self.model, ColaModel) or \
+            self.model.image_vae_trainable
+        return StepStream(texts if d.batch_size else None, pairs if self.tasks else None,
+                          slicing, seed=seed, start=start, seq_len=self.cfg.data.seq_len,
+                          pad_id=tokenizer.pad_token_id, image_size=self.cfg.image.size,
+                          flip=self.cfg.image.flip, skips=self.skips, decode=images)
 
     def _batches(self):
-        """Micro-batches of this rank: the global stream fast-forwarded past what was consumed,
-        each global batch cut into grad_accum x world slices (prose rows and task samples
-        alike; task samples are collated after slicing). Every rank therefore takes the same
-        number of steps, and a multi-rank step sees exactly the data a single process would."""
+        """Items of this rank's steps from the data position on (unified/training/batches.py:
+        the global stream, fast-forwarded past what was consumed, cut into grad_accum x
+        world slices; only this rank's images decoded, in `data.workers` processes)."""
         patch = self.model.vae.config.patch_size if isinstance(self.model, ColaModel) else 1
-        it = self._global_batches(self.model.tokenizer, self.tcfg.seed, patch)
-        for _ in range(self.data_pos):
-            next(it)
-        b, pb, w, r = self.micro_rows, self.micro_pairs, self.dist.world, self.dist.rank
-        pad = self.model.tokenizer.pad_token_id
-        for batch in it:
-            micro = []
-            for m in range(self.cfg.optim.grad_accum):
-                i = m * w + r
-                mb = {}
-                if "text" in batch:
-                    mb["text"] = {k: v[i * b:(i + 1) * b] for k, v in batch["text"].items()}
-                if "pairs" in batch:
-                    mb["pairs"] = collate_task_samples(batch["pairs"][i * pb:(i + 1) * pb],
-                                                       seq_len=self.cfg.data.seq_len, pad_id=pad)
-                micro.append(mb)
-            yield micro
+        slicing = Slicing(self.dist.rank, self.dist.world, self.cfg.optim.grad_accum,
+                          self.data.batch_size, self.data.pair_batch_size)
+        stream = self._stream(self.model.tokenizer, self.tcfg.seed, patch, slicing,
+                              start=self.data_pos)
+        items = stream
+        if self.cfg.data.workers > 0:
+            os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # forked workers
+            items = torch.utils.data.DataLoader(
+                stream, batch_size=None, num_workers=self.cfg.data.workers,
+                pin_memory=self.device.type == "cuda", prefetch_factor=2)
+        for item in items:
+            if item.get("error") is None:
+                for name, (counts, fixed) in item["stats"].items():
+                    if items is not stream:  # counted in a worker process
+                        self.skips[name].merge(counts, fixed)
+            yield item
+
+    def _next_micro(self, batches) -> list[dict]:
+        """This rank's micro-batches of the next step. Every rank learns whether some rank's
+        data stream gave up (one small all-reduce, which also sums the images decoded), so
+        all stop together with the message instead of waiting in a collective."""
+        item = next(batches)
+        error = item.get("error")
+        head = torch.tensor([1.0 if error else 0.0, float(item.get("decoded", 0))],
+                            dtype=torch.float64, device=self.device)
+        head = dist_utils.sum_across_ranks(head, self.dist).tolist()
+        if head[0] > 0:
+            raise DataError(error or "another rank's data stream stopped the run (see its log)")
+        self.decoded += int(head[1])
+        return item["micro"]
 
     def _checkpoint(self) -> Path | None:
         mine = (self.gen.get_state().cpu(), torch.get_rng_state())
@@ -399,7 +392,7 @@ class Trainer:
             torch.distributed.all_gather_object(states, mine)
         state = {"step": self.step, "data_pos": self.data_pos, "stage": self.stage,
                  "world": self.dist.world, "scheduler": self.scheduler.state_dict(),
-                 "skipped_samples": self.skips.total}
+                 "skipped_samples": self.skipped}
         rng = {}
         for r, (g, t) in enumerate(states):
             rng[f"generator.{r}"], rng[f"torch.{r}"] = g, t
@@ -436,61 +429,111 @@ class Trainer:
             return self.model
         return self.model.with_prior(self.ema.module)
 
-    def _loss(self, batch):
+    def _terms(self, batch) -> Terms:
+        """This micro-batch's loss terms as (sum, count) (unified/losses.py)."""
         amp = (torch.autocast(self.device.type, dtype=torch.bfloat16)
                if self.tcfg.precision == "bf16" else nullcontext())
         with amp:
-            return self.train_model(batch, self.stage, self.cfg.loss, self.gen)
+            out = self.train_model(batch, self.stage, self.cfg.loss, self.gen)
+        if isinstance(out, tuple):  # a baseline: (loss, logs), means over its data units
+            loss, logs = out
+            n = float(data_units(batch))
+            out = {"loss": from_mean(loss, n),
+                   **{k: from_mean(v.detach().float(), n) for k, v in logs.items()}}
+        return out
+
+    def _term_names(self, terms: Terms) -> list[str]:
+        """The terms every rank reduces, in one order: all a forward of this run may return."""
+        if not isinstance(self.model, ColaModel):  # a baseline: the same terms every step
+            return sorted(terms)
+        tasks = [k for k, v in self.cfg.tasks.ratios.items() if v > 0] if self.tasks else []
+        return ColaModel.term_names(self.stage, tasks, prose=self.data.batch_size > 0,
+                                    image_trainable=self.model.image_vae_trainable)
+
+    def _combine(self, means: dict[str, torch.Tensor]):
+        if isinstance(self.model, ColaModel):
+            return ColaModel.combine(means, self.stage, self.cfg.loss)
+        return means["loss"], {k: v.detach() for k, v in means.items() if k != "loss"}
 
     def _step(self, micro_batches) -> tuple[torch.Tensor, dict, tuple[int, int]] | None:
-        """Forward/backward over this rank's micro-batches. Each micro-batch's loss is weighted
-        by its share of the global batch's tokens, so the DDP-averaged gradient is the gradient
-        of the token mean over the whole global batch, as a single process would compute it.
-        Returns (loss, loss terms, (text tokens, images) of the global batch), or None when
-        the loss was not finite on any rank (a shared decision, so no rank waits on a
+        """Forward/backward over this rank's micro-batches. The loss of the global batch is
+        made of means over all of it: after each micro-batch's forward, the counts of its
+        terms are summed over the ranks, and each rank back-propagates its sums over those
+        global counts (times the world size, as DDP and FSDP average gradients), so the
+        gradient is the one a single process computes on the whole slice set. Micro-batches
+        of one rank (grad_accum > 1) are weighted by their share of the global batch's data
+        units (exact for prose-only runs; a proxy for terms with random counts).
+        Returns (loss, logged means, (text tokens, images) of the global batch), or None
+        when the loss was not finite on any rank (a shared decision, so no rank waits on a
         collective the others skip)."""
         self.optimizer.zero_grad(set_to_none=True)
-        counts = [data_units(mb) for mb in micro_batches]
-        mean_tokens = dist_utils.mean_across_ranks(
-            torch.tensor(float(sum(counts)), dtype=torch.float64), self.dist).item()
-        total, terms_sum = 0.0, {}
+        dev, world = self.device, self.dist.world
+        units = torch.tensor([float(data_units(mb)) for mb in micro_batches],
+                             dtype=torch.float64, device=dev)
+        units = dist_utils.sum_across_ranks(units, self.dist)
+        share = (units / units.sum().clamp_min(1.0)).tolist()
+        sums_all = counts_all = None
         for i, mb in enumerate(micro_batches):
-            mb = to_device(mb, self.device)
-            weight = counts[i] / max(mean_tokens, 1.0)
+            mb = to_device(mb, dev)
+            if "rng" in mb:
+                self.gen.manual_seed(mb["rng"]["slice"])
             last = i == len(micro_batches) - 1
             ddp = self.dist.enabled and not self.fsdp
             sync = self.train_model.no_sync() if ddp and not last else nullcontext()
             with sync:
-                loss, terms = self._loss(mb)
-                finite = dist_utils.mean_across_ranks(torch.isfinite(loss).float(), self.dist)
-                if finite.item() < 1.0:
+                terms = self._terms(mb)
+                if self._names is None:
+                    self._names = self._term_names(terms)
+                unknown = set(terms) - set(self._names)
+                if unknown:
+                    raise RuntimeError(f"loss terms {sorted(unknown)} are not among the terms "
+                                       f"every rank reduces ({self._names})")
+                zero = torch.zeros((), device=dev)
+                sums = torch.stack([terms[k][0].float() if k in terms else zero
+                                    for k in self._names])
+                counts = torch.stack([terms[k][1].float() if k in terms else zero
+                                      for k in self._names]).double()
+                bad = (~torch.isfinite(sums.detach())).any().double()[None]
+                head = dist_utils.sum_across_ranks(torch.cat([counts, bad]), self.dist)
+                if head[-1].item() > 0:
                     self.optimizer.zero_grad(set_to_none=True)
                     return None
-                (loss * weight).backward()
-            total += loss.item() * weight
-            for k, v in terms.items():
-                terms_sum[k] = terms_sum.get(k, 0.0) + float(v.detach()) * weight
+                counts = head[:-1]
+                loss, _ = self._combine(lmeans(dict(zip(self._names, sums)),
+                                               dict(zip(self._names, counts.tolist()))))
+                (loss * (world * share[i])).backward()
+            sums_all = sums.detach().double() + (0 if sums_all is None else sums_all)
+            counts_all = counts + (0 if counts_all is None else counts_all)
+        sums_all = dist_utils.sum_across_ranks(sums_all, self.dist)
+        loss, logs = self._combine(lmeans(dict(zip(self._names, sums_all.cpu())),
+                                          dict(zip(self._names, counts_all.tolist()))))
         seen = [throughput_counts(mb) for mb in micro_batches]  # this rank's share
-        tokens, images = (sum(c) * self.dist.world for c in zip(*seen))
-        return torch.tensor(total), terms_sum, (tokens, images)
+        tokens, images = (sum(c) * world for c in zip(*seen))
+        return loss.detach(), {k: float(v) for k, v in logs.items()}, (tokens, images)
+
+    def _evaluate(self) -> dict[str, float]:
+        """Held-out loss and terms ("heldout_*"; unified/training/heldout.py)."""
+        return self.heldout.evaluate(self)
 
     def train(self, max_steps: int | None = None) -> list[dict]:
-        """Run to `tcfg.steps` (or stop after `max_steps` more); returns the logged records
-        (losses averaged over ranks; every rank returns the same records)."""
+        """Run to `tcfg.steps` (or stop after `max_steps` more); returns a record per step
+        (that step's losses over the global batch; every rank returns the same records; the
+        logged steps also hold lr, grad norm, throughput and counts, and held-out losses).
+        metrics.jsonl / TensorBoard get the losses averaged over each logging window
+        (unified/training/monitor.py)."""
         t = self.tcfg
         stop_at = t.steps if max_steps is None else min(t.steps, self.step + max_steps)
         history: list[dict] = []
         main = self.dist.is_main
-        metrics = (self.out / "metrics.jsonl").open("a") if main else None
-        writer = self._tensorboard() if main else None
-        batches = self._batches()
         bar = tqdm(total=t.steps, initial=self.step, desc=f"stage {self.stage}",
                    dynamic_ncols=True, mininterval=2.0, disable=not main)
+        monitor = Monitor(self.out, self.stage, self.step, bar) if main else None
+        batches = self._batches()
         tokens = images = 0
         t0 = time.perf_counter()
         try:
             while self.step < stop_at:
-                micro = next(batches)
+                micro = self._next_micro(batches)
                 self.data_pos += 1
                 done = self._step(micro)
                 if done is None:
@@ -513,31 +556,41 @@ class Trainer:
                 if self.ema is not None:
                     self.ema.update(self.model.prior, step=self.step)
                 tokens, images = tokens + n_tok, images + n_img
-                names = list(terms)
-                vals = dist_utils.mean_across_ranks(
-                    torch.tensor([loss.item(), *terms.values()], dtype=torch.float64), self.dist)
-                rec = {"step": self.step, "loss": vals[0].item(),
-                       **{k: vals[i + 1].item() for i, k in enumerate(names)}}
+                rec = {"step": self.step, "loss": float(loss), **terms}
                 history.append(rec)
+                if monitor is not None:
+                    monitor.add({k: v for k, v in rec.items() if k != "step"}
+                                | {"grad_norm": float(gnorm)})
                 bar.update(1)
                 if self.step % t.log_every == 0 or self.step == stop_at:
                     dt = time.perf_counter() - t0
-                    rec.update(lr=self.scheduler.get_last_lr()[-1], grad_norm=float(gnorm),
-                               tokens_per_s=tokens / dt, skipped=self.skips.total)
+                    extra = dict(lr=self.scheduler.get_last_lr()[-1],
+                                 tokens_per_s=tokens / dt, skipped=self.skipped)
                     if images:
-                        rec["images_per_s"] = images / dt
-                    if main:
-                        self._log(rec, metrics, writer, bar)
+                        extra["images_per_s"] = images / dt
+                    if self.tasks is not None:  # by all ranks, each its own slices' images
+                        fixed = self.skips["pairs"].fixed
+                        extra.update(images_decoded=self.decoded,
+                                     captions_truncated=fixed["caption truncated"],
+                                     metadata_ignored=fixed["unreadable .json metadata ignored"])
+                    rec.update(extra, grad_norm=float(gnorm))
+                    if monitor is not None:
+                        monitor.log(self.step, extra)
                     tokens = images = 0
                     t0 = time.perf_counter()
+                if t.eval_every and self.step % t.eval_every == 0:
+                    held = self._evaluate()
+                    rec.update(held)
+                    if monitor is not None and held:
+                        monitor.write({"step": self.step, **held}, f"stage{self.stage}")
+                        log.info("step=%d %s", self.step,
+                                 " ".join(f"{k}={v:.4g}" for k, v in held.items()))
                 if self.step % t.ckpt_every == 0:
                     self._checkpoint()
         finally:
             bar.close()
-            if metrics is not None:
-                metrics.close()
-            if writer is not None:
-                writer.close()
+            if monitor is not None:
+                monitor.close()
         if self.step >= t.steps:
             self._checkpoint()
             if main:
@@ -545,24 +598,3 @@ class Trainer:
                 log.info("finished: model written to %s", self.out / "final")
             dist_utils.barrier(self.dist)
         return history
-
-    def _tensorboard(self):
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:  # tensorboard is a dependency; tolerate a trimmed install
-            log.warning("tensorboard is not installed: no event files are written")
-            return None
-        return SummaryWriter(str(self.out / "tensorboard"))
-
-    def _log(self, rec: dict, metrics, writer, bar) -> None:
-        """Rank 0: one JSON line, TensorBoard scalars, the progress bar and a console line."""
-        metrics.write(json.dumps(rec) + "\n")
-        metrics.flush()
-        if writer is not None:
-            for k, v in rec.items():
-                if k != "step":
-                    writer.add_scalar(f"stage{self.stage}/{k}", v, rec["step"])
-        bar.set_postfix({k: f"{rec[k]:.3g}" for k in rec
-                         if k in ("loss", "recon", "acc", "fm", "ref_kl")})
-        log.info(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                          for k, v in rec.items()))
