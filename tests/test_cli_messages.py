@@ -118,7 +118,7 @@ def _png(color) -> bytes:
     return buf.getvalue()
 
 
-def test_the_skip_handler_counts_bad_data_but_raises_code_errors(tmp_path):
+def test_the_skip_handler_counts_bad_data_but_raises_code_errors(tmp_path, monkeypatch):
     shard = tmp_path / "s-000000.tar"
     with wds.TarWriter(str(shard)) as w:
         w.write({"__key__": "a", "png": _png("red"), "txt": "a red image"})
@@ -128,7 +128,13 @@ def test_the_skip_handler_counts_bad_data_but_raises_code_errors(tmp_path):
     keys = [s["key"] for s in image_text_samples(str(shard), image_size=16, skips=skips)]
     assert keys == ["a", "c"] and skips.total == 1  # bad data: skipped and counted
     skips = SkipCounter()
-    with pytest.raises(TypeError) as err:  # a float size (a config error) is not bad data
-        list(image_text_samples(str(shard), image_size=16.0, skips=skips))
+    import unified.data.records as records
+
+    def bug(*args, **kwargs):  # a code error inside decoding (e.g. a wrong argument type)
+        raise TypeError("model_input() got an unexpected argument")
+
+    monkeypatch.setattr(records, "model_input", bug)
+    with pytest.raises(TypeError) as err:  # not bad data: raised, not counted
+        list(image_text_samples(str(shard), image_size=16, skips=skips))
     assert skips.total == 0
     assert any("not bad data" in note for note in getattr(err.value, "__notes__", []))

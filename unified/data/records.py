@@ -23,7 +23,7 @@ import webdataset as wds
 from torch.utils.data import IterableDataset
 
 from unified.data.images import load_image, model_input
-from unified.data.streams import MissingTextError, SkipCounter, Spec, raw_samples
+from unified.data.streams import MissingTextError, SkipCounter, Spec, is_code_error, raw_samples
 
 IMAGE_KEYS = ("png", "jpg", "jpeg", "webp")
 
@@ -60,7 +60,9 @@ class ImageRef:
         try:
             return model_input(load_image(self.data, size), size, train=train, seed=seed,
                                flip=flip)
-        except Exception as e:  # noqa: BLE001 - any decoder failure is this sample's fault
+        except Exception as e:  # noqa: BLE001 - a decoder failure is this sample's fault,
+            if is_code_error(e):  # a bug or a bad setting is not: raised, never counted
+                raise
             raise _tagged(ImageDecodeError(f"cannot decode the image: {type(e).__name__}: {e}"),
                           self.key, self.url) from None
 
