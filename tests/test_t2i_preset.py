@@ -59,11 +59,20 @@ def test_smoke_preset_trains_both_stages_on_one_and_two_ranks(setup, capsys):
     assert pipe.text_to_image("a red circle", steps=2).images[0].size == (256, 256)
     assert not list((root / "s2" / "checkpoints").rglob("image_vae/*.safetensors"))
 
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-           "2", "-m", "unified.apps.cli", "train", *s2, "--out", str(root / "ddp")]
-    proc = subprocess.run(cmd, env=cli_env(), capture_output=True, text=True, timeout=400)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    two = records(root / "ddp")
-    assert sorted(two) == [1, 2, 3] and two[3]["images_decoded"] == 12
-    assert two[3]["captions_truncated"] > 0
-    assert json.loads((root / "ddp" / "config.json").read_text())["image"]["size"] == 256
+    for parallel in ("ddp", "fsdp"):  # pairs only: a rank may hold text-to-image alone
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               "--nproc_per_node", "2", "-m", "unified.apps.cli", "train", *s2, "--out",
+               str(root / parallel), "--set", f'stage2.parallel="{parallel}"']
+        proc = subprocess.run(cmd, env=cli_env(), capture_output=True, text=True, timeout=400)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        two = records(root / parallel)
+        assert sorted(two) == [1, 2, 3] and two[3]["images_decoded"] == 12
+        assert two[3]["captions_truncated"] > 0
+        assert json.loads((root / parallel / "config.json").read_text())["image"]["size"] == 256
+    from safetensors.torch import load_file
+
+    shard = load_file(str(root / "fsdp" / "checkpoints" / "step-00000002" /
+                          "model-shard-0.safetensors"))
+    assert shard and not any(k.startswith("image_vae.") for k in shard)  # referred to, not copied
+    assert (root / "fsdp" / "checkpoints" / "step-00000002" / "model" / "image_vae" /
+            "weights.json").is_file()

@@ -355,8 +355,11 @@ class ColaModel(nn.Module):
             dev = samples[0][0].z0.device
             gen = [torch.Generator(dev).manual_seed(int(seed)) for seed in pairs["seeds"]]
         lay = build_layout(samples, self.block_size, self.times, list(pairs["cond_drop"]), gen)
-        if after is not None:
-            lay.z = lay.z + 0.0 * after
+        # ties that weigh nothing, for FSDP2: the prior's input always depends on the Text VAE
+        # (a slice of text-to-image samples alone holds only clean, detached text), so its
+        # backward hooks fire at the same point on every rank; `after`: see above
+        tie = z_pieces.sum() if after is None else z_pieces.sum() + after
+        lay.z = lay.z + 0.0 * tie
         if pairs.get("valid") is not None:
             lay.loss_mask = lay.loss_mask & torch.tensor(pairs["valid"], device=lay.z.device)[:, None]
         err, count = self._flow_loss(lay, per_row=True)
