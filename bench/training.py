@@ -171,6 +171,9 @@ def main() -> None:
                     help="Cola: torch.compile the prior's blocks (stage2.compile=true)")
     ap.add_argument("--profile", action="store_true")
     args = ap.parse_args()
+    from unified.training.malloc import keep_freed_memory
+
+    keep_freed_memory()  # as `cola train` does on a CPU (freed activations reused, not re-faulted)
     dtypes = {"bf16": torch.bfloat16, "fp32": torch.float32}
     peaks = {p: peak_matmul(dtypes[p]) for p in args.precision}
     cfg = load_preset(args.preset, args.set)

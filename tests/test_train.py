@@ -165,3 +165,15 @@ def test_compile_without_a_cpp_compiler_trains_eagerly(shards, stage1, tmp_path,
     t = Trainer(tiny(shards, "stage2.compile=true"), 2, tmp_path, init=stage1[0] / "final")
     assert all(blk.compiled is None for blk in t.model.prior.blocks)
     assert "training eagerly" in caplog.text
+
+
+def test_a_trainer_leaves_the_process_as_it_found_it(tmp_path):
+    """Building a Trainer seeds only its own model init: the caller's global RNG goes on where
+    it was (no torch.manual_seed leaking into the rest of the process)."""
+    shards = stdlib_shards(tmp_path / "data", 40)
+    cfg = load_preset("text-tiny", [f'data.train="{shards}"', "data.tokenizer_docs=40"])
+    torch.manual_seed(123)
+    want = torch.rand(3)
+    torch.manual_seed(123)
+    Trainer(cfg, 1, tmp_path / "run")
+    assert torch.equal(torch.rand(3), want)

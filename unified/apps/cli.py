@@ -100,6 +100,10 @@ def cmd_train(args) -> None:
 
         tasks = TaskMixture(cfg)
     trainer = Trainer(cfg, args.stage, args.out, init=args.init, resume=args.resume, tasks=tasks)
+    if trainer.device.type == "cpu":  # reuse freed activations instead of page-faulting them
+        from unified.training.malloc import keep_freed_memory  # in again every step
+
+        keep_freed_memory()  # process-wide: the command's to set, not the Trainer's
     try:
         trainer.train(max_steps=args.max_steps)
     finally:

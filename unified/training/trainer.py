@@ -60,7 +60,6 @@ from unified.training.checkpoint import (
     save_checkpoint,
 )
 from unified.training.heldout import HeldOut
-from unified.training.malloc import keep_freed_memory
 from unified.training.monitor import Monitor
 from vaes.text_vae import TextVAE
 from vaes.weights import load_part
@@ -125,8 +124,6 @@ class Trainer:
         self.dist = dist_utils.init_distributed(self.device.type)
         if self.device.type == "cuda" and self.dist.enabled:
             self.device = torch.device("cuda", self.dist.local_rank)
-        if self.device.type == "cpu":  # reuse freed activations instead of page-faulting
-            keep_freed_memory()  # them in again every step (unified/training/malloc.py)
         per_step = self.dist.world * cfg.optim.grad_accum
         for key in ("batch_size", "pair_batch_size"):
             if getattr(self.data, key) % per_step:
@@ -140,7 +137,6 @@ class Trainer:
             expand_urls(self.train_spec)  # local shards must exist (URLs are webdataset's)
         limit = cfg.data.max_bad_samples
         self.skips = {k: SkipCounter(k, limit) for k in ("text", "pairs", "images")}
-        torch.manual_seed(self.tcfg.seed)
 
         if self.tcfg.parallel not in ("ddp", "fsdp"):
             raise ValueError(f"parallel must be 'ddp' or 'fsdp', got {self.tcfg.parallel!r}")
@@ -149,7 +145,11 @@ class Trainer:
             raise ValueError("EMA of a sharded (fsdp) prior is not supported: set ema_decay=0 "
                              "or parallel='ddp'")
         ckpt = self._find_resume(resume)
-        self.model = self._build_model(init, ckpt).to(self.device)
+        # model init draws from the global RNG: seeded here, the caller's RNG left as it was
+        # (every draw of training comes from self.gen)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.tcfg.seed)
+            self.model = self._build_model(init, ckpt).to(self.device)
         self.model.train()
         self.ema = None
         if self.stage == 2 and self.tcfg.ema_decay > 0:
