@@ -33,6 +33,7 @@ from demo.handlers import Handlers
 from tasks import image_to_text
 from unified.apps.pipeline import UnifiedPipeline
 from unified.generate import GenerationConfig, ImageGenerationConfig
+from unified.sampling import GenerationDefaults
 
 CSS = """
 .pixelated img { image-rendering: pixelated; }
@@ -56,7 +57,8 @@ class Limits:
 
 @dataclass(frozen=True)
 class Defaults:
-    """Starting values of the knobs: the generation configs' own defaults."""
+    """Starting values of the knobs; `Defaults.of` reads them from the model's saved
+    generation defaults (what `build_app` uses), the class values are a new model's."""
 
     text_steps: int = GenerationConfig.steps
     text_guidance: float = GenerationConfig.guidance
@@ -65,6 +67,12 @@ class Defaults:
     max_new_tokens: int = image_to_text.MAX_NEW_TOKENS
     frames: int = 8
     candidates: int = 1  # captions sampled and reranked (1 = plain)
+
+    @classmethod
+    def of(cls, g: GenerationDefaults) -> Defaults:
+        return cls(text_steps=g.text.steps, text_guidance=g.text.guidance,
+                   image_steps=g.image.steps, image_guidance=g.image.guidance,
+                   max_new_tokens=g.caption.max_new_tokens)
 
 
 def _knobs(prefix: str, limits: Limits, steps: int, guidance: float, temperature: bool,
@@ -193,8 +201,10 @@ def _image_tab(h: Handlers, ex: DemoExamples, limits: Limits, d: Defaults, enabl
 
 def build_app(pipe: UnifiedPipeline, examples: DemoExamples | None = None, *,
               title: str = "demo/checkpoint", limits: Limits = Limits(),
-              defaults: Defaults = Defaults()) -> gr.Blocks:
-    """The demo's Blocks over one shared pipeline (not yet queued or launched)."""
+              defaults: Defaults | None = None) -> gr.Blocks:
+    """The demo's Blocks over one shared pipeline (not yet queued or launched); the knobs
+    start at `defaults`, by default the model's own (`UnifiedPipeline.defaults`)."""
+    defaults = defaults or Defaults.of(pipe.defaults)
     ex = examples or load_examples()
     h = Handlers(pipe)
     sees = pipe.can_see_images

@@ -15,11 +15,12 @@ from unified.data.streams import TaskSample
 from unified.generate import GenerationConfig, ImageGenerator, TextGenerator
 from unified.layout import MODALITY_IMAGE, MODALITY_TEXT, ONE_BLOCK, SEG_I, SEG_N, SEG_P, SegmentSpec
 from unified.model import ColaModel
+from unified.sampling import CAPTION_TOKENS
 from vaes.tokenizer import encode_piece
 
 NAME = "image_to_text"
 INSTRUCTION = "describe the image."
-MAX_NEW_TOKENS = 48  # the default budget of a caption or an answer (a shapes caption fits)
+MAX_NEW_TOKENS = CAPTION_TOKENS  # a caption or an answer (a model saves its own default)
 CONDITION = [SegmentSpec(SEG_P, MODALITY_TEXT, 0, blocks=ONE_BLOCK, droppable=True),
              SegmentSpec(SEG_I, MODALITY_IMAGE, 0, blocks=ONE_BLOCK, join_previous=True,
                          droppable=True)]

@@ -27,9 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from prior.flow import (
-    SamplerConfig,
     check_int,
-    check_real,
     integrate,
     interpolate,
     predict_data,
@@ -47,59 +45,7 @@ from unified.layout import (
 )
 from unified.model import ColaModel
 from unified.prior_session import open_session
-
-MAX_SEED = 2**63 - 2  # the token generator is seeded with seed + 1
-
-
-def _check_sampler(steps, method, shift, guidance) -> SamplerConfig:
-    return SamplerConfig(steps, method, shift, guidance)  # validates with clear messages
-
-
-@dataclass(frozen=True)
-class GenerationConfig:
-    """Knobs of text generation (text-to-text and image-to-text)."""
-
-    max_new_tokens: int = 64
-    steps: int = 8
-    guidance: float = 2.0
-    shift: float = 1.0
-    method: str = "euler"
-    temperature: float = 0.0  # token sampling in the decoder; 0 = greedy (the flow samples)
-    top_k: int = 0
-    top_p: float = 1.0
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        set_ = lambda k, v: object.__setattr__(self, k, v)  # a frozen dataclass
-        set_("max_new_tokens", check_int("max_new_tokens", self.max_new_tokens, 1, 1 << 20))
-        check_real("temperature", self.temperature, 0.0, 10.0)
-        set_("top_k", check_int("top_k", self.top_k, 0, 1 << 30))
-        check_real("top_p", self.top_p, 0.0, 1.0, low_open=True)
-        set_("seed", check_int("seed", self.seed, 0, MAX_SEED))
-        set_("steps", self.sampler.steps)
-
-    @property
-    def sampler(self) -> SamplerConfig:
-        return _check_sampler(self.steps, self.method, self.shift, self.guidance)
-
-
-@dataclass(frozen=True)
-class ImageGenerationConfig:
-    """Knobs of text-to-image generation."""
-
-    steps: int = 16
-    guidance: float = 4.0
-    shift: float = 1.0
-    method: str = "euler"
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "seed", check_int("seed", self.seed, 0, MAX_SEED))
-        object.__setattr__(self, "steps", self.sampler.steps)
-
-    @property
-    def sampler(self) -> SamplerConfig:
-        return _check_sampler(self.steps, self.method, self.shift, self.guidance)
+from unified.sampling import MAX_SEED, GenerationConfig, ImageGenerationConfig  # noqa: F401
 
 
 @dataclass

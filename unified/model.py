@@ -40,6 +40,7 @@ from unified.layout import (
     text_to_text_layout,
 )
 from unified.losses import Terms, from_mean
+from unified.sampling import GenerationDefaults
 from vaes import image_vae as iv
 from vaes.text_vae import TextVAE
 from vaes.tokenizer import load_tokenizer
@@ -128,6 +129,10 @@ def read_index(folder: Path) -> dict:
             isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in t)):
         raise ModelFileError(f"{path}: image_time must be [loc, scale], got {t!r}")
     out["image_time"] = [float(x) for x in t]
+    try:  # the generation defaults the model was saved with (absent in older folders)
+        out["generation"] = GenerationDefaults.from_json(raw.get("generation"))
+    except ValueError as e:
+        raise ModelFileError(f"{path}: {e}") from None
     return out
 
 
@@ -144,6 +149,8 @@ class ColaModel(nn.Module):
         self.layout_cfg = layout or TextLayoutConfig()
         self.image_patch_size, self.image_size = image_patch_size, image_size
         self.image_time = image_time or TimeConfig()
+        # the knob defaults the CLI, pipeline, demo and server start from (model_index.json)
+        self.generation = GenerationDefaults()
         self.ref_vae: TextVAE | None = None
         self.image_vae_source: Path | None = None  # its pretrained folder, if loaded from one
 
@@ -164,6 +171,7 @@ class ColaModel(nn.Module):
         model = ColaModel(self.vae, prior, self.tokenizer, self.layout_cfg, self.image_vae,
                           self.image_patch_size, self.image_time, self.image_size)
         model.image_vae_source = self.image_vae_source
+        model.generation = self.generation
         return model
 
     def freeze_reference(self) -> None:
@@ -381,7 +389,8 @@ class ColaModel(nn.Module):
                 **{k: list(PARTS[k]) if v is not None else [None, None] for k, v in parts.items()},
                 "block_size": self.block_size, "image_patch_size": self.image_patch_size,
                 "image_size": self.image_size,
-                "image_time": [self.image_time.loc, self.image_time.scale]}
+                "image_time": [self.image_time.loc, self.image_time.scale],
+                "generation": self.generation.to_json()}
 
     def save_pretrained(self, folder: str | Path, weights: bool = True,
                         link_image_vae: bool = False) -> None:
@@ -437,6 +446,7 @@ class ColaModel(nn.Module):
                     image_patch_size=index["image_patch_size"],
                     image_time=TimeConfig(*index["image_time"]),
                     image_size=index["image_size"])
+        model.generation = index["generation"]
         if parts["image_vae"] is not None:
             model.image_vae_source = iv.reference_of(folder / "image_vae")
         # weights may be stored in bf16 to keep the bundled model small; compute in fp32

@@ -38,15 +38,21 @@ def _pipeline(checkpoint: str):
 
 
 def _sampling(args) -> dict:
+    """The sampler knobs given on the command line (None: the model's saved default)."""
     return dict(steps=args.steps, guidance=args.guidance, shift=args.shift, seed=args.seed,
                 method=args.sampler)
 
 
-def _check_text_args(args, **extra) -> None:
-    """Validate the knobs of a text task before the model loads (fail fast, same messages)."""
+def _check_knobs(**knobs) -> None:
+    """Validate the knobs given before the model loads (fail fast, the pipeline's messages);
+    the ones left out are the model's defaults, valid by construction."""
     from unified.apps import inputs
 
-    inputs.knobs(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+    inputs.knobs(**{k: v for k, v in knobs.items() if v is not None})
+
+
+def _check_text_args(args, **extra) -> None:
+    _check_knobs(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                  **_sampling(args), **extra)
 
 
@@ -145,7 +151,7 @@ def cmd_imagine(args) -> None:
     from unified.apps import inputs
 
     inputs.text("prompt", args.prompt)
-    inputs.knobs(**_sampling(args))
+    _check_knobs(**_sampling(args))
     inputs.whole("--frames", args.frames, 1, 1000)
     pipe = _pipeline(args.checkpoint)
     res = pipe.text_to_image(args.prompt, trajectory=args.frames if strip_path else 0,
@@ -192,14 +198,16 @@ def _sampling_args(s: argparse.ArgumentParser, steps: int, guidance: float, text
 
     s.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT),
                    help="model folder (default: the bundled one)")
-    s.add_argument("--steps", type=int, default=steps,
-                   help="ODE steps per block" if text else "ODE steps")
-    s.add_argument("--guidance", type=float, default=guidance, help="CFG scale (1 = off)")
-    s.add_argument("--shift", type=float, default=1.0, help="SD3 schedule shift")
-    s.add_argument("--sampler", default="euler", choices=list(SAMPLERS))
+    model = "; default: the model's own (model_index.json generation)"
+    s.add_argument("--steps", type=int, help=("ODE steps per block" if text else "ODE steps")
+                   + f" (a new model: {steps}{model})")
+    s.add_argument("--guidance", type=float, help=f"CFG scale, 1 = off (a new model: {guidance}"
+                   f"{model})")
+    s.add_argument("--shift", type=float, help=f"SD3 schedule shift{model}")
+    s.add_argument("--sampler", choices=list(SAMPLERS), help=f"ODE solver{model}")
     s.add_argument("--seed", type=int, default=0)
     if text:
-        s.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+        s.add_argument("--temperature", type=float, help=f"0 = greedy{model}")
 
 
 def add_parsers(sub) -> None:
@@ -211,9 +219,10 @@ def add_parsers(sub) -> None:
     s = sub.add_parser("generate", help="continue a text prompt")
     s.add_argument("prompt")
     _sampling_args(s, d.steps, d.guidance, text=True)
-    s.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
-    s.add_argument("--top-k", type=int, default=d.top_k)
-    s.add_argument("--top-p", type=float, default=d.top_p)
+    s.add_argument("--max-new-tokens", type=int,
+                   help=f"a new model: {d.max_new_tokens}; default: the model's own")
+    s.add_argument("--top-k", type=int, help="default: the model's own (0 = off)")
+    s.add_argument("--top-p", type=float, help="default: the model's own (1 = off)")
     s.set_defaults(fn=cmd_generate)
 
     s = sub.add_parser("caption", help="describe an image, or answer a question about it")
@@ -221,7 +230,8 @@ def add_parsers(sub) -> None:
     s.add_argument("--question", help='e.g. "how many objects are there?"')
     s.add_argument("--prefix", default="", help="the start of the caption, to be continued")
     _sampling_args(s, d.steps, d.guidance, text=True)
-    s.add_argument("--max-new-tokens", type=int, default=image_to_text.MAX_NEW_TOKENS)
+    s.add_argument("--max-new-tokens", type=int,
+                   help=f"a new model: {image_to_text.MAX_NEW_TOKENS}; default: the model's own")
     s.add_argument("--candidates", type=int, default=1, metavar="K",
                    help="sample K captions and keep the one the model best redraws the image "
                         "from (analysis by synthesis; about K times slower)")

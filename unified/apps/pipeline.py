@@ -31,11 +31,11 @@ from unified.data.images import model_input, to_rgb
 from unified.generate import BlockOutput, GenerationConfig, ImageGenerationConfig
 from unified.layout import TextLayoutConfig, TimeConfig
 from unified.model import ColaModel, default_device
+from unified.sampling import GenerationDefaults
 
 __all__ = ["MAX_IMAGE_SIDE", "MAX_PROMPT_CHARS", "ImageResult", "TextResult", "UnifiedPipeline",
            "check_prompt", "open_image", "prepare_image", "to_pil"]
 
-_TEXT, _IMAGE = GenerationConfig(), ImageGenerationConfig()  # default knobs: one source
 
 
 @dataclass
@@ -118,21 +118,33 @@ class UnifiedPipeline(DiffusionPipeline):
 
     def __init__(self, text_vae, tokenizer, prior=None, image_vae=None, block_size: int = 16,
                  image_patch_size: int = 2, image_size: int = 32,
-                 image_time: tuple[float, float] = (1.0, 1.0)):
+                 image_time: tuple[float, float] = (1.0, 1.0), generation: dict | None = None):
         super().__init__()
         self.register_modules(text_vae=text_vae, tokenizer=tokenizer, prior=prior,
                               image_vae=image_vae)
+        defaults = GenerationDefaults.from_json(generation)
         self.register_to_config(block_size=block_size, image_patch_size=image_patch_size,
-                                image_size=image_size, image_time=list(image_time))
+                                image_size=image_size, image_time=list(image_time),
+                                generation=defaults.to_json())
         self.model = ColaModel(text_vae, prior, tokenizer, TextLayoutConfig(block_size=block_size),
                                image_vae, image_patch_size, TimeConfig(*image_time), image_size)
+        self.model.generation = defaults
 
     # ----------------------------------------------------------------- folders
     @classmethod
     def from_model(cls, model: ColaModel) -> UnifiedPipeline:
         t = model.image_time
-        return cls(model.vae, model.tokenizer, model.prior, model.image_vae, model.block_size,
-                   model.image_patch_size, model.image_size, (t.loc, t.scale))
+        pipe = cls(model.vae, model.tokenizer, model.prior, model.image_vae, model.block_size,
+                   model.image_patch_size, model.image_size, (t.loc, t.scale),
+                   model.generation.to_json())
+        pipe.model.image_vae_source = model.image_vae_source
+        return pipe
+
+    @property
+    def defaults(self) -> GenerationDefaults:
+        """The knob defaults this model was saved with (model_index.json "generation"): every
+        knob a call leaves as None takes its value from here."""
+        return self.model.generation
 
     @classmethod
     def from_pretrained(cls, folder: str | Path, device: str | torch.device | None = None,
@@ -153,27 +165,28 @@ class UnifiedPipeline(DiffusionPipeline):
             raise ValueError("this model has no image side (a text-only checkpoint)")
 
     # ----------------------------------------------------------------- tasks
-    def generate_text(self, prompt: str | list[str], *, max_new_tokens: int = _TEXT.max_new_tokens,
-                      steps: int = _TEXT.steps, guidance: float = _TEXT.guidance,
-                      shift: float = _TEXT.shift,
-                      temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
-                      seed: int | list[int] = 0, method: str = "euler", stream: bool = False
+    def generate_text(self, prompt: str | list[str], *, max_new_tokens: int | None = None,
+                      steps: int | None = None, guidance: float | None = None,
+                      shift: float | None = None, temperature: float | None = None,
+                      top_k: int | None = None, top_p: float | None = None,
+                      seed: int | list[int] = 0, method: str | None = None, stream: bool = False
                       ) -> TextResult | Iterator[BlockOutput]:
         """Continue a prompt (or a list of prompts) block by block; `stream=True` yields a
         BlockOutput per block instead of the final TextResult. `seed`: one for every prompt,
-        or a list of one per prompt."""
+        or a list of one per prompt. A knob left as None takes the model's default
+        (`self.defaults.text`)."""
         prompts = inputs.texts("prompt", prompt)
         seed, seeds = row_seeds(seed, len(prompts))
-        gen = GenerationConfig(**inputs.knobs(
-            max_new_tokens=max_new_tokens, steps=steps, guidance=guidance, shift=shift,
-            temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, method=method))
+        gen = GenerationConfig(**inputs.knobs(seed=seed, **self.defaults.fill(
+            "text", max_new_tokens=max_new_tokens, steps=steps, guidance=guidance, shift=shift,
+            temperature=temperature, top_k=top_k, top_p=top_p, method=method)))
         it = text_to_text.stream(self.model, prompts, gen, seeds=seeds)
         return it if stream else _finish_text(it)
 
     def caption(self, image, *, question: str | None = None, prefix: str = "",
-                max_new_tokens: int = image_to_text.MAX_NEW_TOKENS, steps: int = _TEXT.steps,
-                guidance: float = _TEXT.guidance, shift: float = _TEXT.shift,
-                temperature: float = 0.0, seed: int = 0, method: str = "euler",
+                max_new_tokens: int | None = None, steps: int | None = None,
+                guidance: float | None = None, shift: float | None = None,
+                temperature: float | None = None, seed: int = 0, method: str | None = None,
                 rerank: int = 0, stream: bool = False) -> TextResult | Iterator[BlockOutput]:
         """Describe an image (or answer `question` about it), optionally continuing `prefix`.
         `image`: a PIL image, an H x W x 3 array, a path, or a list of those. `rerank` = K > 1
@@ -185,9 +198,9 @@ class UnifiedPipeline(DiffusionPipeline):
         inputs.batch("images", len(images))
         q = check_prompt(question or "", "question", allow_empty=True).strip() or None
         prefix = check_prompt(prefix, "caption prefix", allow_empty=True)
-        knobs = inputs.knobs(max_new_tokens=max_new_tokens, steps=steps, guidance=guidance,
-                             shift=shift, temperature=temperature, seed=seed, method=method,
-                             rerank=rerank)
+        knobs = inputs.knobs(seed=seed, rerank=rerank, **self.defaults.fill(
+            "caption", max_new_tokens=max_new_tokens, steps=steps, guidance=guidance,
+            shift=shift, temperature=temperature, method=method))
         rerank = knobs.pop("rerank")
         gen = GenerationConfig(**knobs)
         x = torch.stack([prepare_image(im, self.model.image_size) for im in images])
@@ -202,18 +215,19 @@ class UnifiedPipeline(DiffusionPipeline):
         it = image_to_text.stream(self.model, x, qs, prefixes, gen)
         return it if stream else _finish_text(it, prefix)
 
-    def text_to_image(self, prompt: str | list[str], *, steps: int = _IMAGE.steps,
-                      guidance: float = _IMAGE.guidance, shift: float = _IMAGE.shift,
-                      seed: int | list[int] = 0, method: str = "euler",
+    def text_to_image(self, prompt: str | list[str], *, steps: int | None = None,
+                      guidance: float | None = None, shift: float | None = None,
+                      seed: int | list[int] = 0, method: str | None = None,
                       trajectory: int = 0, on_step=None) -> ImageResult:
         """Draw an image for a prompt (or one per prompt of a list; `seed`: one for every
         prompt, or one per prompt). `trajectory` > 0 also returns that many intermediate
-        decodes of the data estimate, noise to image."""
+        decodes of the data estimate, noise to image. A knob left as None takes the model's
+        default (`self.defaults.image`)."""
         self._need_images()
         prompts = inputs.texts("prompt", prompt)
         seed, seeds = row_seeds(seed, len(prompts))
-        knobs = inputs.knobs(steps=steps, guidance=guidance, shift=shift, seed=seed,
-                             method=method, trajectory=trajectory)
+        knobs = inputs.knobs(seed=seed, trajectory=trajectory, **self.defaults.fill(
+            "image", steps=steps, guidance=guidance, shift=shift, method=method))
         trajectory = knobs.pop("trajectory")
         gen = ImageGenerationConfig(**knobs)
         t0 = time.perf_counter()

@@ -19,7 +19,6 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict
 
 from prior.flow import SAMPLERS, check_int, check_real
-from tasks import image_to_text
 from unified.apps.batcher import Job
 from unified.apps.errors import ApiError
 from unified.apps.pipeline import MAX_IMAGE_SIDE, check_prompt, prepare_image
@@ -28,7 +27,6 @@ from unified.generate import MAX_SEED, GenerationConfig, ImageGenerationConfig
 MAX_N = 16  # choices (or images) per request
 MAX_STEPS = 64  # ODE steps a request may ask for (per block for text)
 MAX_SEED_DRAWN = 2**31 - 1  # a request without a seed gets a random one below this
-TEXT_TOKENS, CAPTION_TOKENS = GenerationConfig.max_new_tokens, image_to_text.MAX_NEW_TOKENS
 
 
 @dataclass
@@ -124,11 +122,12 @@ def _seeds(body: _Body, rows: int) -> list[int]:
     return [seed + j for _ in range(rows) for j in range(n)]  # prompt-major: choice r*n + j
 
 
-def _sampler(body: _Body, steps: int, guidance: float) -> dict:
-    out = dict(steps=steps if body.steps is None else body.steps,
-               guidance=guidance if body.guidance is None else body.guidance,
-               shift=1.0 if body.shift is None else body.shift,
-               method=body.sampler or "euler")
+def _sampler(body: _Body, d) -> dict:
+    """The request's sampler knobs; those it leaves out are the model's defaults `d`."""
+    out = dict(steps=d.steps if body.steps is None else body.steps,
+               guidance=d.guidance if body.guidance is None else body.guidance,
+               shift=d.shift if body.shift is None else body.shift,
+               method=body.sampler or d.method)
     with as_param("steps"):
         check_int("steps", out["steps"], 1, MAX_STEPS)
     with as_param("guidance"):
@@ -149,8 +148,12 @@ def _text_tokens(ctx: ServeContext, text: str) -> int:
     return 1 + len(body)
 
 
-def _text_gen(body: _TextBody, ctx: ServeContext, prompt_tokens: int, default_budget: int,
+def _text_gen(body: _TextBody, ctx: ServeContext, prompt_tokens: int, task: str,
               seed: int, param: str, budget: int | None) -> GenerationConfig:
+    """The knobs of a text request; those it leaves out are the model's saved defaults for
+    `task` ("text" or "caption": `UnifiedPipeline.defaults`)."""
+    d = getattr(ctx.pipe.defaults, task)
+    default_budget = d.max_new_tokens
     room = ctx.context - prompt_tokens
     if room < 1:
         raise ApiError(400, f"the prompt is too long: {prompt_tokens} tokens leave no room in "
@@ -164,17 +167,16 @@ def _text_gen(body: _TextBody, ctx: ServeContext, prompt_tokens: int, default_bu
                             f"together at most the model's context of {ctx.context} tokens "
                             f"(lower max_tokens)", param="max_tokens",
                        code="context_length_exceeded")
-    temperature = 0.0 if body.temperature is None else body.temperature
+    temperature = d.temperature if body.temperature is None else body.temperature
     with as_param("temperature"):
         check_real("temperature", temperature, 0.0, 2.0)
-    top_p = 1.0 if body.top_p is None else body.top_p
+    top_p = d.top_p if body.top_p is None else body.top_p
     with as_param("top_p"):
         check_real("top_p", top_p, 0.0, 1.0, low_open=True)
-    top_k = body.top_k or 0
+    top_k = d.top_k if body.top_k is None else body.top_k
     with as_param("top_k"):
         check_int("top_k", top_k, 0, 1 << 20)
-    d = GenerationConfig()
-    knobs = _sampler(body, d.steps, d.guidance)
+    knobs = _sampler(body, d)
     with as_param(param):
         return GenerationConfig(max_new_tokens=budget, temperature=temperature, top_p=top_p,
                                 top_k=top_k, seed=seed, **knobs)
@@ -193,7 +195,7 @@ def completion_job(body: CompletionRequest, ctx: ServeContext) -> Job:
     seeds = _seeds(body, len(prompts))
     n = len(seeds) // len(prompts)
     tokens = [_text_tokens(ctx, p) for p in prompts]
-    gen = _text_gen(body, ctx, max(tokens), TEXT_TOKENS, seeds[0], "prompt", body.max_tokens)
+    gen = _text_gen(body, ctx, max(tokens), "text", seeds[0], "prompt", body.max_tokens)
     return Job("text", gen, [p for p in prompts for _ in range(n)], seeds,
                prompt_tokens=max(tokens), prompt_usage=sum(tokens) * n, timeout=ctx.timeout)
 
@@ -293,7 +295,7 @@ def chat_job(body: ChatRequest, ctx: ServeContext) -> Job:
             check_prompt(prompt, "conversation")
         seeds = _seeds(body, 1)
         tokens = _text_tokens(ctx, prompt)
-        gen = _text_gen(body, ctx, tokens, TEXT_TOKENS, seeds[0], "messages", budget)
+        gen = _text_gen(body, ctx, tokens, "text", seeds[0], "messages", budget)
         return Job("text", gen, [prompt] * len(seeds), seeds, prompt_tokens=tokens,
                    prompt_usage=tokens, timeout=ctx.timeout)
     if len(images) > 1:
@@ -312,7 +314,7 @@ def chat_job(body: ChatRequest, ctx: ServeContext) -> Job:
         x = prepare_image(decode_image(url, param), ctx.image_size)
     seeds = _seeds(body, 1)
     tokens = _text_tokens(ctx, prefix)
-    gen = _text_gen(body, ctx, tokens, CAPTION_TOKENS, seeds[0], f"messages[{at}].content",
+    gen = _text_gen(body, ctx, tokens, "caption", seeds[0], f"messages[{at}].content",
                     budget)
     image_tokens = ctx.pipe.model.image_grid().shape[0]
     usage = tokens + image_tokens + (_text_tokens(ctx, question) if question else 0)
@@ -339,7 +341,6 @@ def image_job(body: ImageRequest, ctx: ServeContext) -> Job:
     with as_param("prompt"):
         check_prompt(body.prompt)
     seeds = _seeds(body, 1)
-    d = ImageGenerationConfig()
-    gen = ImageGenerationConfig(seed=seeds[0], **_sampler(body, d.steps, d.guidance))
+    gen = ImageGenerationConfig(seed=seeds[0], **_sampler(body, ctx.pipe.defaults.image))
     return Job("image", gen, [body.prompt] * len(seeds), seeds,
                prompt_usage=_text_tokens(ctx, body.prompt), timeout=ctx.timeout)
