@@ -18,7 +18,8 @@ from dataclasses import dataclass
 from PIL import Image
 from pydantic import BaseModel, ConfigDict
 
-from prior.flow import SAMPLERS, check_int, check_real
+from prior.flow import SAMPLERS
+from unified.apps import inputs
 from unified.apps.batcher import Job
 from unified.apps.errors import ApiError
 from unified.apps.pipeline import MAX_IMAGE_SIDE, check_prompt, prepare_image
@@ -115,10 +116,10 @@ def _check_common(body: _Body, ctx: ServeContext, unsupported: tuple[str, ...]) 
 def _seeds(body: _Body, rows: int) -> list[int]:
     n = 1 if body.n is None else body.n
     with as_param("n"):
-        check_int("n", n, 1, MAX_N)
+        inputs.whole("n", n, 1, MAX_N)
     seed = secrets.randbelow(MAX_SEED_DRAWN) if body.seed is None else body.seed
     with as_param("seed"):
-        check_int("seed", seed, 0, MAX_SEED - n)
+        inputs.whole("seed", seed, 0, MAX_SEED - n)
     return [seed + j for _ in range(rows) for j in range(n)]  # prompt-major: choice r*n + j
 
 
@@ -129,11 +130,11 @@ def _sampler(body: _Body, d) -> dict:
                shift=d.shift if body.shift is None else body.shift,
                method=body.sampler or d.method)
     with as_param("steps"):
-        check_int("steps", out["steps"], 1, MAX_STEPS)
+        inputs.whole("steps", out["steps"], 1, MAX_STEPS)
     with as_param("guidance"):
-        check_real("guidance", out["guidance"], 0.0, 20.0)
+        inputs.real("guidance", out["guidance"], 0.0, 20.0)
     with as_param("shift"):
-        check_real("shift", out["shift"], 0.0, 10.0, low_open=True)
+        inputs.real("shift", out["shift"], 0.0, 10.0, low_open=True)
     if out["method"] not in SAMPLERS:
         raise ApiError(400, f"unknown sampler {out['method']!r}; choose one of {SAMPLERS}",
                        param="sampler")
@@ -161,7 +162,7 @@ def _text_gen(body: _TextBody, ctx: ServeContext, prompt_tokens: int, task: str,
                        code="context_length_exceeded")
     budget = min(default_budget, room) if budget is None else budget
     with as_param("max_tokens"):
-        budget = check_int("max_tokens", budget, 1, 1 << 20)
+        budget = inputs.whole("max_tokens", budget, 1, 1 << 20)
     if budget > room:
         raise ApiError(400, f"the prompt is {prompt_tokens} tokens and max_tokens {budget}: "
                             f"together at most the model's context of {ctx.context} tokens "
@@ -169,13 +170,13 @@ def _text_gen(body: _TextBody, ctx: ServeContext, prompt_tokens: int, task: str,
                        code="context_length_exceeded")
     temperature = d.temperature if body.temperature is None else body.temperature
     with as_param("temperature"):
-        check_real("temperature", temperature, 0.0, 2.0)
+        inputs.real("temperature", temperature, 0.0, 2.0)
     top_p = d.top_p if body.top_p is None else body.top_p
     with as_param("top_p"):
-        check_real("top_p", top_p, 0.0, 1.0, low_open=True)
+        inputs.real("top_p", top_p, 0.0, 1.0, low_open=True)
     top_k = d.top_k if body.top_k is None else body.top_k
     with as_param("top_k"):
-        check_int("top_k", top_k, 0, 1 << 20)
+        inputs.whole("top_k", top_k, 0, 1 << 20)
     knobs = _sampler(body, d)
     with as_param(param):
         return GenerationConfig(max_new_tokens=budget, temperature=temperature, top_p=top_p,
