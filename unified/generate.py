@@ -230,8 +230,11 @@ class TextGenerator:
 
     def _emit(self, rows: _Rows, logits, pinned, gen, token_gens, finished, budget):
         """Tokens of one block per row: prompt ids where pinned, sampled elsewhere; cut at EOS."""
-        sampled = torch.stack([sample_tokens(row, gen.temperature, gen.top_k, gen.top_p, g)
-                               for row, g in zip(logits, token_gens)])
+        if gen.temperature == 0:  # greedy: no draws, one call for the whole batch
+            sampled = logits.argmax(-1)
+        else:  # each row draws from its own generator (its output depends on its seed only)
+            sampled = torch.stack([sample_tokens(row, gen.temperature, gen.top_k, gen.top_p, g)
+                                   for row, g in zip(logits, token_gens)])
         new_ids = []
         for i in range(len(rows.ids)):
             out = []
