@@ -130,10 +130,10 @@ def test_sample_tokens_top_k_top_p():
     assert int(sample_tokens(logits, 0.0, 0, 1.0, g)) == 0
 
 
-def test_rows_without_a_droppable_condition_get_no_unconditional_row(model):
-    """A prompt shorter than a block has no condition CFG can drop: its unconditional branch
-    would repeat the conditional one, so the fused call skips it (and still equals the
-    reference, which computes both branches)."""
+def test_short_prompts_get_an_unconditional_row_that_hides_the_pinned_prompt(model):
+    """CFG drops the whole prompt of text-to-text, its pinned tail included, so a prompt
+    shorter than a block still has an unconditional branch: every row gets one (fused into the
+    same call), it equals the reference, and guidance changes the output."""
     engine = TextGenerator(model)
     rows = []
     real = model.prior.forward
@@ -149,10 +149,12 @@ def test_rows_without_a_droppable_condition_get_no_unconditional_row(model):
         fast = list(engine.stream(prompts, gen))
     finally:
         model.prior.forward = real
-    assert set(rows) == {3 + 1}  # 3 conditional rows + 1 unconditional row, every call
+    assert set(rows) == {3 + 3}  # 3 conditional rows + 3 unconditional rows, every call
     slow = list(engine.stream(prompts, gen, use_cache=False))
     for f, s in zip(fast, slow):
         assert f.new_ids == s.new_ids and (f.latents - s.latents).abs().max() <= 1e-4
+    plain = list(engine.stream(prompts, GenerationConfig(max_new_tokens=8, steps=2, seed=2)))
+    assert (plain[0].latents[0] - fast[0].latents[0]).abs().max() > 1e-3  # guidance acts
 
 
 def test_bf16_weights_generate_like_fp32(model):

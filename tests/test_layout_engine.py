@@ -80,7 +80,11 @@ class Probe:
         t = torch.stack([r[1] for r in rows])
         want = torch.stack([r[2][:, : self.d] for r in rows])
         got = velocity(z, t)
-        self.worst = max(self.worst, (got - want).abs().max().item())
+        # pinned prompt tokens (t = 0 in a noisy block) are overwritten by the solver: their
+        # outputs are unused (in a dropped branch nothing else sees them), so only the
+        # generated tokens are compared
+        free = t > 0
+        self.worst = max(self.worst, (got - want)[free].abs().max().item())
         assert want.abs().max() > 1e-2  # a real output, not an all-zero one
         return torch.stack([r[3][:, : self.d] for r in rows])
 

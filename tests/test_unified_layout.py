@@ -141,10 +141,12 @@ def first_axis(layout):
     return pos[:, 0] if pos.dim() == 2 else pos
 
 
-def test_recipe_text_to_text_matches_the_packed_layout():
+@pytest.mark.parametrize("drop", [0.0, 1.0])
+def test_recipe_text_to_text_matches_the_packed_layout(drop):
     """The vectorized training layout of packed prose and the recipe form agree on the rule:
-    same masks over (segment, block, stream) for the same prompt split."""
-    cfg = TextLayoutConfig(block_size=4, uncond_prompt_prob=0.0, cond_drop_prob=0.0)
+    same masks over (segment, block, stream) for the same prompt split, in both CFG branches.
+    A dropped sample's targets see no prompt token at all: not C, not the pinned tail."""
+    cfg = TextLayoutConfig(block_size=4, uncond_prompt_prob=0.0, cond_drop_prob=drop)
     n = 19
     z0 = text(n, 0)[None]
     pos = torch.arange(n)[None]
@@ -155,7 +157,13 @@ def test_recipe_text_to_text_matches_the_packed_layout():
         noisy = packed.meta.noisy[0]
         s = int(((packed.segment[0] == SEG_C) & ~noisy).sum()) + int(
             (noisy & (packed.t[0] == 0)).sum())
-        lay = build_layout([t2t(n, s)], 4, TIMES, generator=torch.Generator().manual_seed(0))
+        lay = build_layout([t2t(n, s)], 4, TIMES, cond_drop_prob=drop,
+                           generator=torch.Generator().manual_seed(0))
+        for layout in (packed, lay):
+            mask, where = layout.attention_mask()[0], first_axis(layout)
+            target = layout.loss_mask[0]  # generated tokens
+            sees_prompt = mask[target][:, (where < s) & layout.valid[0]].any()
+            assert bool(sees_prompt) == (drop == 0.0)
 
         def signature(layout):
             m = layout.attention_mask()[0]

@@ -11,7 +11,8 @@ cache, the conditional and unconditional CFG branches batched as rows of ONE for
 (fused CFG); a finished text block is decoded by the VAE decoder against its own cache and
 committed to the DiT cache (its K/V at t = 0) inside the next block's first step: one call
 fewer per block. A text prompt that does not end on a block boundary puts its trailing tokens
-into the first generated block, pinned at t = 0 ("clean repaint").
+into the first generated block, pinned at t = 0 ("clean repaint"); in text-to-text CFG drops
+them with the prompt's whole blocks, so even a prompt shorter than a block is guided.
 
 Slow reference path (`use_cache=False`, `_ReferencePrior`): every step re-runs the whole
 sequence through the DiT with the training Layout's attention rule, and decoding re-runs the
@@ -273,7 +274,10 @@ class TextGenerator:
         prefix_rows = [[*(conditions[r] if conditions else []),
                         *self._prompt_segments(rows, r, droppable=conditions is None)]
                        for r in range(len(prompts))]
-        prior = open_session(self.prior, prefix_rows, self.bs, gen.guidance, use_cache)
+        # text-to-text: the whole prompt is the condition, its pinned tail too (CFG drops it)
+        tail_drop = self._block(rows, 0)[1] if conditions is None else None
+        prior = open_session(self.prior, prefix_rows, self.bs, gen.guidance, use_cache,
+                             pinned_drop=tail_drop)
         decoder = _TextDecoder(self.vae, rows.z_prompt, rows.n_full, self.bs, use_cache)
         noise_gens = row_generators(seeds, gen.seed, len(prompts), dev)
         token_gens = row_generators(seeds, gen.seed, len(prompts), dev, offset=1)

@@ -9,7 +9,9 @@ Segments: P prompt text, C clean text (conditions), I image, N noisy text target
 Text-to-text on prose is [C][N]: a prefix of s tokens is the condition; its whole blocks are C,
 and the trailing partial block's prompt tokens sit *inside* the first N block pinned at t = 0
 ("clean repaint"), exactly as generation places a prompt that does not end on a block boundary.
-Classifier-free guidance drops C: the target region of a dropped sample cannot see C.
+Classifier-free guidance drops the prompt: C and the pinned prompt tokens (both copies). The
+rest of a dropped sample cannot see them, so a prompt shorter than a block (no C) still has an
+unconditional branch to guide against.
 """
 
 from __future__ import annotations
@@ -157,7 +159,7 @@ def text_to_text_layout(
         meta=TokenMeta(torch.cat([sample_ids, sample_ids], 1), torch.cat([block, block], 1),
                        torch.cat([zeros, valid], 1)),
         segment=torch.cat([segment, segment.masked_fill(segment == SEG_C, SEG_PAD)], 1),
-        droppable=torch.cat([cond_block & valid, zeros], 1),
+        droppable=torch.cat([in_prompt & valid, pinned & valid], 1),  # C and the pinned tail
         cond_dropped=torch.cat([dropped, dropped], 1),
         loss_mask=torch.cat([zeros, loss], 1),
         target=torch.cat([torch.zeros_like(z0), velocity_target(z0, eps)], 1),
@@ -184,7 +186,8 @@ class Segment:
     `prompt` (text targets only): the first `prompt` tokens are given, not generated. Their
     whole blocks become a clean condition segment C, and the rest of them stay pinned at t = 0
     inside the first target block ("clean repaint"), exactly where generation puts a prompt
-    that does not end on a block boundary; `prompt_droppable` lets CFG drop those C blocks.
+    that does not end on a block boundary; `prompt_droppable` lets CFG drop the whole prompt
+    (its C blocks and its pinned tokens).
     """
 
     kind: int
@@ -219,7 +222,7 @@ def split_prompt(segments: list[Segment], block_size: int) -> list[tuple[Segment
                                 False, seg.blocks, seg.join_previous,
                                 droppable=seg.prompt_droppable), 0))
             seg = Segment(seg.kind, seg.z0[whole:], seg.modality, seg.positions[whole:], True,
-                          seg.blocks, prompt=seg.prompt)
+                          seg.blocks, prompt=seg.prompt, prompt_droppable=seg.prompt_droppable)
         out.append((seg, seg.prompt - whole))
     return out
 
@@ -353,9 +356,12 @@ def build_layout(samples: list[list[Segment]], block_size: int,
         clean, noisy = [], []
         for (seg, pinned), blk in zip(pairs, blocks):
             n = seg.z0.shape[0]
+            # pinned prompt tokens CFG drops (text-to-text: the whole prompt is the condition)
+            pin_drop = (torch.arange(n, device=dev) < pinned) & seg.prompt_droppable
             seen = blk < last_target  # a clean token is history only for later noisy blocks
             if seen.any():
-                clean.append(_select(_tokens(seg, blk, d), seen))
+                clean.append(_select(_tokens(seg, blk, d, droppable=pin_drop | seg.droppable),
+                                     seen))
             if seg.target:
                 tc = times[seg.modality]
                 uniq, inv = blk.unique(return_inverse=True)
@@ -367,8 +373,7 @@ def build_layout(samples: list[list[Segment]], block_size: int,
                 eps = torch.randn(z0.shape, device=dev, generator=generator, dtype=z0.dtype)
                 noisy.append(_tokens(seg, blk, d, z=interpolate(z0, eps, t.to(z0.dtype)), t=t,
                                      noisy=torch.ones_like(free), loss=free,
-                                     target=velocity_target(z0, eps),
-                                     droppable=torch.zeros_like(free)))
+                                     target=velocity_target(z0, eps), droppable=pin_drop))
         rows.append(clean + noisy)
     return stack_rows(rows, drops, d, dev)
 
@@ -387,11 +392,13 @@ def condition_layout(rows: list[list[Segment]], block_size: int, width: int,
 
 
 def append_block(lay: Layout, z: torch.Tensor, t: torch.Tensor, modality: torch.Tensor,
-                 positions: torch.Tensor, noisy: bool) -> Layout:
+                 positions: torch.Tensor, noisy: bool, droppable: torch.Tensor | None = None
+                 ) -> Layout:
     """`lay` with one new block per row: z [B, n, D] at times t [B, n], one past each row's
     last block (a generated text block or an image). `noisy` marks the 2L noisy copy (a block
-    being generated); clean (noisy=False) is a committed block joining the history. The new
-    tokens' condition is kept: `with_dropped` sets the CFG branch of the whole layout."""
+    being generated); clean (noisy=False) is a committed block joining the history.
+    `droppable` [B, n] marks pinned prompt tokens CFG drops (default none); `with_dropped`
+    sets the CFG branch of the whole layout."""
     b, n = z.shape[:2]
     dev = z.device
     last = torch.where(lay.valid, lay.meta.block, -1).amax(1, keepdim=True) if lay.z.shape[1] \
@@ -405,7 +412,8 @@ def append_block(lay: Layout, z: torch.Tensor, t: torch.Tensor, modality: torch.
                        cat(lay.meta.block, (last + 1).expand(b, n)),
                        cat(lay.meta.noisy, ones if noisy else ~ones)),
         segment=cat(lay.segment, torch.full((b, n), SEG_N, device=dev)),
-        droppable=cat(lay.droppable, ~ones), cond_dropped=cat(lay.cond_dropped, ~ones),
+        droppable=cat(lay.droppable, ~ones if droppable is None else droppable.to(dev)),
+        cond_dropped=cat(lay.cond_dropped, ~ones),
         loss_mask=cat(lay.loss_mask, ones & noisy))
 
 
