@@ -27,7 +27,8 @@ ENDPOINTS = {
                        "seed"],
     "/caption": ["image", "question", "prefix", "max_new_tokens", "steps", "guidance", "shift",
                  "temperature", "seed", "candidates"],
-    "/text_to_image": ["prompt", "steps", "guidance", "shift", "seed", "frames"],
+    "/text_to_image": ["prompt", "steps", "guidance", "shift", "seed", "frames", "height",
+                       "width"],
 }
 
 
