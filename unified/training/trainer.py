@@ -62,6 +62,7 @@ from unified.training.checkpoint import (
 )
 from unified.training.heldout import HeldOut
 from unified.training.monitor import Monitor
+from unified.training.samples import SampleLog
 from vaes.text_vae import TextVAE
 from vaes.weights import load_part
 
@@ -189,6 +190,7 @@ class Trainer:
         self._names: list[str] | None = None  # the loss terms every rank reduces
         self.decoded = 0  # images decoded for training, all ranks
         self.heldout = HeldOut()
+        self.samples = SampleLog()
         if ckpt is not None:
             self._restore(ckpt)
         if self.dist.is_main:
@@ -593,6 +595,8 @@ class Trainer:
                                  " ".join(f"{k}={v:.4g}" for k, v in held.items()))
                 if self.step % t.ckpt_every == 0:
                     self._checkpoint()
+                if monitor is not None:  # sample captions and images (unified/training/samples.py)
+                    self.samples.log(self, monitor.writer, self.step)
         finally:
             bar.close()
             if monitor is not None:
