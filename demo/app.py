@@ -11,7 +11,7 @@ starts the server. Named API endpoints, for `gradio_client.Client(url).predict(.
     /caption(image, question, prefix, max_new_tokens, steps, guidance, shift, temperature, seed,
              candidates)
         -> (caption, stats)
-    /text_to_image(prompt, steps, guidance, shift, seed, frames)
+    /text_to_image(prompt, steps, guidance, shift, seed, frames, height, width)
         -> (image enlarged for display, real image, trajectory gallery, stats)
 
 Bad input is refused with a readable `gr.Error` (a toast in the browser, an exception with
@@ -31,6 +31,7 @@ from demo.errors import ReadableBlocks, exception_handlers
 from demo.examples import DemoExamples, load_examples
 from demo.handlers import Handlers
 from tasks import image_to_text
+from unified.apps.inputs import MAX_GENERATION_SCALE, MAX_IMAGE_SIDE
 from unified.apps.pipeline import UnifiedPipeline
 from unified.generate import GenerationConfig, ImageGenerationConfig
 from unified.sampling import GenerationDefaults
@@ -169,6 +170,17 @@ def _caption_tab(h: Handlers, ex: DemoExamples, limits: Limits, d: Defaults, bud
               (h.caption, inputs, [out, stats]) if enabled else None)
 
 
+def _size_knobs(pipe: UnifiedPipeline) -> list[gr.components.Component]:
+    """Height and width in pixels: the model's training size to start, multiples of one image
+    token (checked by the pipeline, unified/apps/inputs.py image_size), non-square allowed."""
+    m = pipe.model
+    f, size = m.image_factor, m.image_size
+    hi = min(MAX_IMAGE_SIDE, MAX_GENERATION_SCALE * size) // f * f
+    return [WholeNumber(value=size, minimum=f, maximum=hi, step=f, precision=0, label=name,
+                        info=f"pixels, a multiple of {f}", elem_id=f"t2i-{name}")
+            for name in ("height", "width")]
+
+
 def _image_tab(h: Handlers, ex: DemoExamples, limits: Limits, d: Defaults, enabled: bool) -> None:
     with gr.Row():
         with gr.Column():
@@ -192,7 +204,8 @@ def _image_tab(h: Handlers, ex: DemoExamples, limits: Limits, d: Defaults, enabl
             knobs = _knobs("t2i", limits, d.image_steps, d.image_guidance, False, None)
             frames = Knob(0, limits.frames, value=d.frames, step=1, precision=0,
                           label="trajectory frames", elem_id="t2i-frames")
-    inputs = [prompt, *knobs, frames]
+            sizes = _size_knobs(h.pipe) if enabled else []
+    inputs = [prompt, *knobs, frames, *sizes]
     run.click(h.text_to_image, inputs, [shown, real, strip, stats], api_name="text_to_image")
     _examples([[p] for p in ex.image_prompts], [prompt],
               "captions from the shapes world (click one to run it)",

@@ -38,8 +38,10 @@ def stats_line(seconds: float, nfe: int, extra: str = "") -> str:
 
 
 def upscale(image: Image.Image, size: int) -> Image.Image:
-    """Nearest-neighbour enlargement for display (pixels stay sharp squares)."""
-    return image if image.size == (size, size) else image.resize((size, size), Image.NEAREST)
+    """Nearest-neighbour enlargement for display (pixels stay sharp squares) by the whole
+    factor that brings the longer side closest to `size` (a square one to size x size)."""
+    k = max(1, round(size / max(image.size)))
+    return image if k == 1 else image.resize((image.width * k, image.height * k), Image.NEAREST)
 
 
 class Handlers:
@@ -86,7 +88,8 @@ class Handlers:
         return out.text, stats_line(out.seconds, out.nfe)
 
     def text_to_image(self, prompt: str, steps: int, guidance: float, shift: float, seed: int,
-                      frames: int, progress: gr.Progress = gr.Progress()  # noqa: B008
+                      frames: int, height: int | None = None, width: int | None = None,
+                      progress: gr.Progress = gr.Progress()  # noqa: B008
                       ) -> tuple[str, str, list[tuple[str, str]], str]:
         """Draw `prompt`: (the image enlarged for display, the real image, the denoising
         trajectory as captioned frames ending with the result, stats); images as PNG paths
@@ -97,7 +100,7 @@ class Handlers:
         with _as_user_errors():
             out = self.pipe.text_to_image(prompt or "", steps=steps, guidance=guidance,
                                           shift=shift, seed=seed, trajectory=frames,
-                                          on_step=on_step)
+                                          on_step=on_step, height=height, width=width)
         image = out.images[0]
         big = self.display_size
         shown = upscale(image, big)

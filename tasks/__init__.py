@@ -92,6 +92,20 @@ class TaskMixture:
                 out.extend(f"{q} {a}" for q, a in questions(scene))
         return out
 
+    def preview(self, model, images, captions: list[str], seed: int = 0
+                ) -> tuple[list[str], object]:
+        """(captions of `images` [N, 3, H, W], images [M, 3, H, W] of `captions`) with the
+        model's generation defaults and a fixed seed: the trainer's sample log (the trainer
+        imports no task: it asks the mixture it was handed)."""
+        import dataclasses
+
+        g = model.generation
+        budget = min(g.caption.max_new_tokens, model.vae.config.max_len - 1)  # after [bos]
+        texts = image_to_text.generate(model, images, gen=dataclasses.replace(
+            g.caption, seed=seed, max_new_tokens=budget))
+        drawn = text_to_image.generate(model, captions, dataclasses.replace(g.image, seed=seed))
+        return texts, drawn.images
+
     def samples(self, tokenizer, seed: int, skips: SkipCounter | None = None,
                 max_len: int | None = None, source=None) -> Iterator[TaskSample]:
         """Task samples from `source` (default data.pairs; e.g. data.pairs_heldout)."""

@@ -51,5 +51,6 @@ def encode_conditions(model: ColaModel, recipe: list[SegmentSpec], texts: list[l
     lat = model.encode_texts(texts) if texts else None
     text_z = [lat[i, : len(t)] for i, t in enumerate(texts)]
     img_z = list(model.encode_images(torch.stack(images).to(model.vae.device))) if images else []
-    grid = model.image_grid().to(model.vae.device) if images else torch.zeros(0, 2)
+    grid = model.image_grid(*images[0].shape[-2:]).to(model.vae.device) if images else \
+        torch.zeros(0, 2)  # a row's images share one size
     return place(recipe, text_z, img_z, grid)

@@ -27,7 +27,8 @@ ENDPOINTS = {
                        "seed"],
     "/caption": ["image", "question", "prefix", "max_new_tokens", "steps", "guidance", "shift",
                  "temperature", "seed", "candidates"],
-    "/text_to_image": ["prompt", "steps", "guidance", "shift", "seed", "frames"],
+    "/text_to_image": ["prompt", "steps", "guidance", "shift", "seed", "frames", "height",
+                       "width"],
 }
 
 
@@ -113,6 +114,18 @@ def test_text_to_image_shows_an_enlarged_copy_and_the_trajectory(client):
     assert np.abs(frames[0] - frames[-1]).mean() > 1.0, "the trajectory moves"
     assert np.array_equal(frames[-1], np.asarray(shown_img.convert("RGB"), dtype=np.float32))
     assert nfe_of(stats) >= 8 and "32 x 32" in stats
+
+
+def test_text_to_image_draws_a_non_square_size_and_refuses_a_bad_one(client):
+    shown, real, strip, stats = client.predict("a large red circle at the top left", 2, 4.0, 1.0,
+                                               3, 0, 16, 48, api_name="/text_to_image")
+    assert Image.open(real).size == (48, 16) and Image.open(shown).size == (240, 80)
+    assert "48 x 16" in stats
+    with pytest.raises(AppError, match="height must be a positive multiple of 8 pixels"):
+        client.predict("a small red circle", height=20, api_name="/text_to_image")
+    with pytest.raises(AppError, match="width must be between 8 and 128"):
+        client.predict("a small red circle", width=256, api_name="/text_to_image")
+    _good(client)
 
 
 def _good(client) -> None:

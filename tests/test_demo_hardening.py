@@ -26,7 +26,7 @@ from demo.process import DemoProcess
 
 GOOD = {  # one cheap good request per endpoint (raw HTTP data lists)
     "generate_text": ["The function returns", 4, 2, 2.0, 1.0, 0.0, 0],
-    "text_to_image": ["a large red circle at the top left", 2, 4.0, 1.0, 0, 0],
+    "text_to_image": ["a large red circle at the top left", 2, 4.0, 1.0, 0, 0, 32, 32],
 }
 
 
@@ -174,8 +174,8 @@ def test_data_url_images_small_broken_and_not_base64(demo):
 
 
 # --------------------------------------------------------------------------- 8. readable errors
-API_PARAMS = {"generate_text": 7, "caption": 10, "text_to_image": 6}
-NUMBER_SLOTS = {"generate_text": range(1, 7), "caption": range(3, 10), "text_to_image": range(1, 6)}
+API_PARAMS = {"generate_text": 7, "caption": 10, "text_to_image": 8}
+NUMBER_SLOTS = {"generate_text": range(1, 7), "caption": range(3, 10), "text_to_image": range(1, 8)}
 TEXT_SLOTS = {"generate_text": [0], "caption": [1, 2], "text_to_image": [0]}
 
 

@@ -158,6 +158,17 @@ def test_image_generation_returns_pngs_of_their_own_seed(client, pipe):
         assert diff.max() <= 1
 
 
+def test_a_non_square_size_is_drawn_as_the_pipeline_draws_it(client, pipe):
+    prompt = "a small blue square"
+    r = client.images.generate(model=MODEL, prompt=prompt, size="64x16",
+                               response_format="b64_json", extra_body={"steps": 2, "seed": 5})
+    image = Image.open(io.BytesIO(base64.b64decode(r.data[0].b64_json)))
+    assert image.size == (64, 16)
+    alone = pipe.text_to_image(prompt, steps=2, seed=5, height=16, width=64).images[0]
+    diff = np.abs(np.asarray(image.convert("RGB"), np.int16) - np.asarray(alone, np.int16))
+    assert diff.max() <= 1
+
+
 def _gif_url() -> str:
     return png_data_url(Image.new("RGB", (8, 8)), "GIF", "image/png")
 
@@ -200,6 +211,10 @@ BAD = [  # (path, body, status, param, words)
      "messages[0].content[0]", "too large"),
     ("v1/images/generations", {"model": MODEL, "prompt": "a red circle", "size": "1024x1024"},
      400, "size", "32x32"),
+    ("v1/images/generations", {"model": MODEL, "prompt": "a red circle", "size": "30x32"},
+     400, "size", "size width must be a positive multiple of 8 pixels"),
+    ("v1/images/generations", {"model": MODEL, "prompt": "a red circle", "size": "wide"},
+     400, "size", "WIDTHxHEIGHT"),
     ("v1/images/generations", {"model": MODEL, "prompt": "a red circle",
                                "response_format": "url"}, 400, "response_format", "b64_json"),
     ("v1/images/generations", {"model": MODEL, "prompt": "  "}, 400, "prompt", "empty"),

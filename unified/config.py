@@ -127,6 +127,10 @@ class DataConfig:
     long_captions: Literal["truncate", "skip"] = "truncate"  # a caption longer than fits
     max_bad_samples: int = 1000  # unusable samples in a row before a stream stops the run
     workers: int = 0  # DataLoader processes decoding the images of this rank's slices
+    # aspect-ratio buckets (width / height, e.g. [0.5, 1.0, 2.0]): each training image goes to
+    # the nearest, about image.size^2 pixels, one bucket per batch (unified/data/buckets.py);
+    # empty = off (one square bucket)
+    buckets: tuple[float, ...] = ()
 
 
 @dataclass
@@ -165,6 +169,11 @@ class TrainConfig:
     # steps, on eval_batches global batches drawn once (0 = off)
     eval_every: int = 0
     eval_batches: int = 4
+    # stage 2, rank 0: sample captions of fixed held-out images and images of fixed held-out
+    # captions (data.pairs_heldout) into TensorBoard every this many steps (None: with each
+    # checkpoint; 0: off), with the EMA prior (unified/training/samples.py)
+    log_samples_every: int | None = None
+    log_samples: int = 2  # images and captions each time
 
 
 @dataclass

@@ -337,7 +337,7 @@ class ImageGenerator:
         gen = gen or ImageGenerationConfig()
         m = self.model
         dev = next(m.prior.parameters()).device
-        grid = m.image_grid().to(dev)
+        grid = m.image_grid(gen.height, gen.width).to(dev)  # None: the training size
         b, n, d = len(conditions), grid.shape[0], m.image_token_dim
         prior = open_session(m.prior, conditions, m.block_size, gen.guidance, use_cache)
         pos = torch.stack([image_positions(grid, next_position(c)) for c in conditions])
@@ -358,8 +358,8 @@ class ImageGenerator:
                 on_step(i + 1, steps)
 
         z = integrate(velocity, eps, gen.sampler, callback=record)
-        images = m.decode_image_tokens(z)
-        traj = [m.decode_image_tokens(e) for _, e in estimates]
+        images = m.decode_image_tokens(z, gen.height, gen.width)
+        traj = [m.decode_image_tokens(e, gen.height, gen.width) for _, e in estimates]
         return ImageOutput(z, images, traj, [t for t, _ in estimates], prior.nfe)
 
     @torch.no_grad()

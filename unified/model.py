@@ -209,10 +209,28 @@ class ColaModel(nn.Module):
     def image_token_dim(self) -> int:
         return self.image_vae.config.latent_channels * self.image_patch_size ** 2
 
-    def image_grid(self) -> torch.Tensor:
-        """(row, col) of the image tokens in patchify order [n, 2]."""
-        side = self.image_latent_size // self.image_patch_size
-        return iv.grid_positions(side, side)
+    @property
+    def image_factor(self) -> int:
+        """Pixels per image token a side: the image VAE's downsampling x the patch size (an
+        image's height and width must be multiples of it)."""
+        return 2 ** (len(self.image_vae.config.block_out_channels) - 1) * self.image_patch_size
+
+    def image_tokens_shape(self, height: int | None = None, width: int | None = None
+                           ) -> tuple[int, int]:
+        """(rows, cols) of the token grid of a height x width image (default: the training
+        size, square); ValueError when a side is not a positive multiple of image_factor."""
+        f = self.image_factor
+        sides = (self.image_size if height is None else height,
+                 self.image_size if width is None else width)
+        for name, v in zip(("height", "width"), sides):
+            if v < 1 or v % f:
+                raise ValueError(f"{name} must be a positive multiple of {f} pixels, got {v}")
+        return sides[0] // f, sides[1] // f
+
+    def image_grid(self, height: int | None = None, width: int | None = None) -> torch.Tensor:
+        """(row, col) of the image tokens in patchify order [n, 2] of a height x width image
+        (default: the training size)."""
+        return iv.grid_positions(*self.image_tokens_shape(height, width))
 
     def encode_images(self, images: torch.Tensor, sample: bool = False,
                       generator: torch.Generator | None = None) -> torch.Tensor:
@@ -220,10 +238,13 @@ class ColaModel(nn.Module):
         z = iv.encode(self.image_vae, images.to(self.image_vae.dtype), sample, generator)
         return iv.patchify(z.float(), self.image_patch_size)
 
-    def decode_image_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Prior-space tokens [B, n, C p p] -> images [B, 3, H, W] in [-1, 1]."""
-        s = self.image_latent_size
-        z = iv.unpatchify(tokens, self.image_patch_size, s, s)
+    def decode_image_tokens(self, tokens: torch.Tensor, height: int | None = None,
+                            width: int | None = None) -> torch.Tensor:
+        """Prior-space tokens [B, n, C p p] -> images [B, 3, H, W] in [-1, 1] (default: the
+        training size)."""
+        rows, cols = self.image_tokens_shape(height, width)
+        p = self.image_patch_size
+        z = iv.unpatchify(tokens, p, rows * p, cols * p)
         return iv.decode(self.image_vae, z.to(self.image_vae.dtype)).float()
 
     # ----------------------------------------------------------------- losses
@@ -356,7 +377,10 @@ class ColaModel(nn.Module):
         if pairs["images"].shape[0]:
             with torch.no_grad():  # the image VAE is frozen in stage 2
                 images = list(self.encode_images(pairs["images"], w.sample_posterior, generator))
-        grid = self.image_grid() if self.image_vae is not None else torch.zeros(0, 2)
+        grid = torch.zeros(0, 2)
+        if self.image_vae is not None:  # a batch's images share one size (one bucket)
+            grid = self.image_grid(*pairs["images"].shape[-2:]) if len(images) else \
+                self.image_grid()
         samples = [place(recipe, texts, images, grid) for recipe in pairs["recipes"]]
         gen = generator
         if pairs.get("seeds") is not None:

@@ -59,15 +59,24 @@ class ImageGenerationConfig:
     shift: float = 1.0
     method: str = "euler"
     seed: int = 0
+    # the image's size in pixels (None: the model's training size); a call's choice, like the
+    # seed, not a saved default. unified/apps/inputs.py `image_size` checks them against a model
+    height: int | None = None
+    width: int | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "seed", check_int("seed", self.seed, 0, MAX_SEED))
         object.__setattr__(self, "steps", self.sampler.steps)
+        for name in ("height", "width"):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, check_int(name, getattr(self, name), 1, 1 << 16))
 
     @property
     def sampler(self) -> SamplerConfig:
         return _check_sampler(self.steps, self.method, self.shift, self.guidance)
 
+
+PER_CALL = ("seed", "height", "width")  # knobs of one call, never saved with a model
 
 CAPTION_TOKENS = 48  # a caption or an answer: a shapes caption fits
 
@@ -75,7 +84,8 @@ CAPTION_TOKENS = 48  # a caption or an answer: a shapes caption fits
 @dataclass(frozen=True)
 class GenerationDefaults:
     """The generation defaults a model is saved with: text continuation, captions and
-    answers, images. Seeds are per call (0 when not given), not part of a model."""
+    answers, images. Seeds are per call (0 when not given), not part of a model, and so is an
+    image's size (the model's training size when not given)."""
 
     text: GenerationConfig = field(default_factory=GenerationConfig)
     caption: GenerationConfig = field(
@@ -83,7 +93,8 @@ class GenerationDefaults:
     image: ImageGenerationConfig = field(default_factory=ImageGenerationConfig)
 
     def to_json(self) -> dict[str, dict[str, Any]]:
-        return {k: {n: v for n, v in dataclasses.asdict(getattr(self, k)).items() if n != "seed"}
+        return {k: {n: v for n, v in dataclasses.asdict(getattr(self, k)).items()
+                    if n not in PER_CALL}
                 for k in ("text", "caption", "image")}
 
     @classmethod
@@ -99,7 +110,7 @@ class GenerationDefaults:
         for name in ("text", "caption", "image"):
             given = values.get(name) or {}
             klass = type(getattr(base, name))
-            known = {f.name for f in dataclasses.fields(klass)} - {"seed"}
+            known = {f.name for f in dataclasses.fields(klass)} - set(PER_CALL)
             unknown = set(given) - known
             if unknown:
                 raise ValueError(f"generation.{name}: unknown knobs {sorted(unknown)}")

@@ -4,6 +4,7 @@
     cola caption scene.png [--question "how many objects are there?"] [--prefix "two objects:"]
                            [--candidates 8]
     cola imagine "a large red circle at the top left" -o out.png [--trajectory strip.png]
+                 [--height 32 --width 64]
     cola demo [--checkpoint DIR] [--host 127.0.0.1] [--port 7860] [--share]
     cola serve [--checkpoint DIR] [--host 127.0.0.1] [--port 8000] [--api-key KEY]
 
@@ -153,9 +154,13 @@ def cmd_imagine(args) -> None:
     inputs.text("prompt", args.prompt)
     _check_knobs(**_sampling(args))
     inputs.whole("--frames", args.frames, 1, 1000)
+    for name in ("height", "width"):  # whole numbers now; multiples once the model is known
+        if getattr(args, name) is not None:
+            inputs.whole(f"--{name}", getattr(args, name), 1, inputs.MAX_IMAGE_SIDE)
     pipe = _pipeline(args.checkpoint)
+    size = pipe.image_size(args.height, args.width, names=("--height", "--width"))
     res = pipe.text_to_image(args.prompt, trajectory=args.frames if strip_path else 0,
-                             **_sampling(args))
+                             height=size[0], width=size[1], **_sampling(args))
     image = res.images[0]
     image.save(out_path)
     msg = f"wrote {out_path} ({image.width} x {image.height})"
@@ -243,6 +248,10 @@ def add_parsers(sub) -> None:
     s.add_argument("--trajectory", metavar="STRIP.png",
                    help="also write the denoising trajectory as a strip of frames")
     s.add_argument("--frames", type=int, default=8, help="trajectory frames (with --trajectory)")
+    s.add_argument("--height", type=int, help="image height in pixels, a multiple of the model's "
+                   "image token size (default: the model's training size)")
+    s.add_argument("--width", type=int, help="image width in pixels (default: the model's "
+                   "training size); non-square sizes are allowed")
     _sampling_args(s, di.steps, di.guidance, text=False)
     s.set_defaults(fn=cmd_imagine)
 

@@ -199,6 +199,48 @@ def batch(what: str, n: int) -> int:
     return n
 
 
+# --------------------------------------------------------------------------- image sizes
+MAX_GENERATION_SCALE = 4  # a generated image: at most this many times the training size a side
+
+
+def image_size(height: Any, width: Any, *, factor: int, size: int,
+               names: tuple[str, str] = ("height", "width")) -> tuple[int, int]:
+    """The (height, width) in pixels of an image to generate: None = the model's training
+    `size`; otherwise a whole number that is a positive multiple of `factor` (the image VAE's
+    downsampling x the patch size: one image token a side) and at most
+    MAX_GENERATION_SCALE x size (and MAX_IMAGE_SIDE). ValueError naming the field."""
+    hi = min(MAX_IMAGE_SIDE, MAX_GENERATION_SCALE * size) // factor * factor
+    out = []
+    for name, value in zip(names, (height, width)):
+        if value is None:
+            out.append(size)
+            continue
+        n = whole(name, value, -(1 << 62), 1 << 62)
+        if n < 1 or n % factor:
+            raise ValueError(f"{name} must be a positive multiple of {factor} pixels (the image "
+                             f"VAE's downsampling x the patch size), got {show(n)}")
+        if n > hi:
+            raise ValueError(f"{name} must be at most {hi} pixels ({MAX_GENERATION_SCALE} x this "
+                             f"model's training size of {size}), got {show(n)}")
+        out.append(n)
+    return out[0], out[1]
+
+
+_SIZE = re.compile(r"\s*(\d{1,6})\s*[xX]\s*(\d{1,6})\s*")
+
+
+def size_text(name: str, value: Any) -> tuple[int, int] | None:
+    """An OpenAI-style image size "WIDTHxHEIGHT" (e.g. "512x256") as (height, width);
+    None for None or "auto" (the model's size). The numbers are checked by `image_size`."""
+    if value is None or value == "auto":
+        return None
+    m = _SIZE.fullmatch(value) if isinstance(value, str) else None
+    if m is None:
+        raise ValueError(f"{name} must look like WIDTHxHEIGHT in pixels (e.g. 256x256) or "
+                         f"auto, got {show(value)}")
+    return int(m[2]), int(m[1])
+
+
 # --------------------------------------------------------------------------- images
 def check_image_size(w: int, h: int) -> None:
     if max(w, h) > MAX_IMAGE_SIDE:

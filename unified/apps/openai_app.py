@@ -5,7 +5,7 @@
     POST /v1/completions           prompt continuation; stream: true sends one SSE chunk a block
     POST /v1/chat/completions      text messages are continued; a user message with an
                                    image_url part (a data: URL) is captioned / questioned
-    POST /v1/images/generations    prompt -> n images, b64_json PNGs of the model's size
+    POST /v1/images/generations    prompt -> n images, b64_json PNGs (size "WxH", default the model's)
     GET  /health                   liveness and batching counters (no key needed)
 
 Requests are checked in unified/apps/schemas.py and run in batches by unified/apps/batcher.py.

@@ -215,20 +215,34 @@ class UnifiedPipeline(DiffusionPipeline):
         it = image_to_text.stream(self.model, x, qs, prefixes, gen)
         return it if stream else _finish_text(it, prefix)
 
+    def image_size(self, height=None, width=None, names: tuple[str, str] = ("height", "width")
+                   ) -> tuple[int, int]:
+        """(height, width) in pixels of an image this model draws (None: its training size),
+        checked by unified/apps/inputs.py `image_size` (multiples of one token, bounded); a
+        message names the field as `names` says."""
+        self._need_images()
+        m = self.model
+        return inputs.image_size(height, width, factor=m.image_factor, size=m.image_size,
+                                 names=names)
+
     def text_to_image(self, prompt: str | list[str], *, steps: int | None = None,
                       guidance: float | None = None, shift: float | None = None,
                       seed: int | list[int] = 0, method: str | None = None,
-                      trajectory: int = 0, on_step=None) -> ImageResult:
+                      trajectory: int = 0, on_step=None, height: int | None = None,
+                      width: int | None = None) -> ImageResult:
         """Draw an image for a prompt (or one per prompt of a list; `seed`: one for every
         prompt, or one per prompt). `trajectory` > 0 also returns that many intermediate
-        decodes of the data estimate, noise to image. A knob left as None takes the model's
-        default (`self.defaults.image`)."""
+        decodes of the data estimate, noise to image. `height` / `width` in pixels (None: the
+        model's training size; multiples of `model.image_factor`, non-square allowed). A knob
+        left as None takes the model's default (`self.defaults.image`)."""
         self._need_images()
         prompts = inputs.texts("prompt", prompt)
         seed, seeds = row_seeds(seed, len(prompts))
         knobs = inputs.knobs(seed=seed, trajectory=trajectory, **self.defaults.fill(
             "image", steps=steps, guidance=guidance, shift=shift, method=method))
         trajectory = knobs.pop("trajectory")
+        if height is not None or width is not None:
+            knobs["height"], knobs["width"] = self.image_size(height, width)
         gen = ImageGenerationConfig(**knobs)
         t0 = time.perf_counter()
         out = text_to_image.generate(self.model, prompts, gen, trajectory=trajectory,

@@ -331,17 +331,21 @@ def image_job(body: ImageRequest, ctx: ServeContext) -> Job:
     if not ctx.pipe.can_see_images:
         raise ApiError(400, "this model has no image side (a text-only checkpoint): it cannot "
                             "draw images")
-    s = ctx.image_size
-    if body.size not in (None, "auto", f"{s}x{s}"):
-        raise ApiError(400, f"size {body.size!r} is not available: this model draws {s}x{s} "
-                            f"images only (non-square and other sizes do not exist yet)",
-                       param="size")
+    height = width = None  # None, "auto": the model's training size
+    try:  # "WIDTHxHEIGHT", checked by unified/apps/inputs.py image_size
+        given = inputs.size_text("size", body.size)
+        if given is not None:
+            height, width = ctx.pipe.image_size(*given, names=("size height", "size width"))
+    except ValueError as e:
+        s = ctx.image_size
+        raise ApiError(400, f"{e} (this model's own size is {s}x{s})", param="size") from None
     if body.response_format not in (None, "b64_json"):
         raise ApiError(400, f"response_format {body.response_format!r} is not served: images "
                             f"are returned inline, use b64_json", param="response_format")
     with as_param("prompt"):
         check_prompt(body.prompt)
     seeds = _seeds(body, 1)
-    gen = ImageGenerationConfig(seed=seeds[0], **_sampler(body, ctx.pipe.defaults.image))
+    gen = ImageGenerationConfig(seed=seeds[0], height=height, width=width,
+                                **_sampler(body, ctx.pipe.defaults.image))
     return Job("image", gen, [body.prompt] * len(seeds), seeds,
                prompt_usage=_text_tokens(ctx, body.prompt), timeout=ctx.timeout)

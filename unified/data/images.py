@@ -87,23 +87,31 @@ def draft(img: Image.Image, size: int | None) -> Image.Image:
     return img
 
 
-def model_input(img: Image.Image, size: int, *, train: bool = False, seed: int = 0,
-                flip: bool = False) -> torch.Tensor:
+def model_input(img: Image.Image, size: int | tuple[int, int], *, train: bool = False,
+                seed: int = 0, flip: bool = False) -> torch.Tensor:
     """RGB image -> [3, size, size] float in [-1, 1]: shorter side resized to `size`
     (bicubic, antialiased), then a square crop: centered, or with `train` at a random
-    offset drawn from `seed`, and then mirrored with probability 1/2 when `flip`."""
+    offset drawn from `seed`, and then mirrored with probability 1/2 when `flip`. `size`
+    (height, width) (an aspect-ratio bucket, unified/data/buckets.py): resized to the
+    smallest size that covers it, then cropped the same way to [3, height, width]."""
     if img.mode != "RGB":
         img = to_rgb(img)
+    th, tw = (size, size) if isinstance(size, int) else size
     w, h = img.size
-    if min(w, h) != size:
-        img = TF.resize(img, [size], interpolation=InterpolationMode.BICUBIC, antialias=True)
+    if th == tw and min(w, h) != th:
+        img = TF.resize(img, [th], interpolation=InterpolationMode.BICUBIC, antialias=True)
+    elif th != tw:  # cover (height, width): the side that binds gets exactly its length
+        scale = max(th / h, tw / w)
+        cover = [max(th, round(h * scale)), max(tw, round(w * scale))]
+        if cover != [h, w]:
+            img = TF.resize(img, cover, interpolation=InterpolationMode.BICUBIC, antialias=True)
     w, h = img.size
     rng = random.Random(seed)
     if train:
-        top, left = rng.randint(0, h - size), rng.randint(0, w - size)
+        top, left = rng.randint(0, h - th), rng.randint(0, w - tw)
     else:
-        top, left = (h - size) // 2, (w - size) // 2
-    img = TF.crop(img, top, left, size, size)
+        top, left = (h - th) // 2, (w - tw) // 2
+    img = TF.crop(img, top, left, th, tw)
     if train and flip and rng.random() < 0.5:
         img = TF.horizontal_flip(img)
     # to [-1, 1] in numpy: torch's intra-op threads cost more than they give on one image

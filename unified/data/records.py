@@ -53,12 +53,14 @@ class ImageRef:
     key: str | None = None
     url: str | None = None
 
-    def decode(self, size: int, *, train: bool = False, seed: int = 0,
+    def decode(self, size: int | tuple[int, int], *, train: bool = False, seed: int = 0,
                flip: bool = False) -> torch.Tensor:
-        """[3, size, size] in [-1, 1] (unified.data.images.model_input); ImageDecodeError (naming
-        the sample) when the bytes are not a readable image."""
+        """[3, size, size] (or [3, height, width] for a (height, width) bucket) in [-1, 1]
+        (unified.data.images.model_input); ImageDecodeError (naming the sample) when the bytes
+        are not a readable image."""
         try:
-            return model_input(load_image(self.data, size), size, train=train, seed=seed,
+            side = size if isinstance(size, int) else max(size)  # JPEG draft: covers both
+            return model_input(load_image(self.data, side), size, train=train, seed=seed,
                                flip=flip)
         except Exception as e:  # noqa: BLE001 - a decoder failure is this sample's fault,
             if is_code_error(e):  # a bug or a bad setting is not: raised, never counted

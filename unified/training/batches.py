@@ -7,7 +7,9 @@ multi-rank step sees exactly the data a single process would. Images stay undeco
 (unified.data.records.ImageRef) until a rank cuts out its slices: it decodes those samples alone,
 with a random crop drawn from the sample's own seed (the same whoever decodes it). With
 `workers` > 0, worker w of a rank builds every step but decodes and collates only the steps
-`start + w + k * workers`; the DataLoader returns them in step order.
+`start + w + k * workers`; the DataLoader returns them in step order. With aspect-ratio
+`buckets` (unified/data/buckets.py) each global batch is one bucket's samples, formed from the
+same stream on every rank and worker, and its images are decoded at that bucket's size.
 
 An image that fails to decode keeps its sample's place as a placeholder without loss (a
 zero image, `valid=False`, counted), so slices keep their sizes and their equivalence with a
@@ -25,6 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from unified.data.buckets import bucketed
 from unified.data.streams import DataError, SkipCounter, TaskSample, collate_task_samples
 
 
@@ -62,8 +65,9 @@ class StepStream(IterableDataset):
                  pairs: Callable[[], Iterator[TaskSample]] | None, slicing: Slicing, *,
                  seed: int, start: int, seq_len: int, pad_id: int, image_size: int,
                  flip: bool = False, skips: dict[str, SkipCounter] | None = None,
-                 decode: bool = True):
+                 decode: bool = True, buckets: list[tuple[int, int]] | None = None):
         self.texts, self.pairs, self.slicing = texts, pairs, slicing
+        self.buckets = buckets  # (height, width) sizes: each global batch one of them
         self.decode_images = decode  # False: the model uses no image (stage 1, frozen VAE)
         self.seed, self.start, self.seq_len, self.pad_id = seed, start, seq_len, pad_id
         self.image_size, self.flip = image_size, flip
@@ -77,19 +81,27 @@ class StepStream(IterableDataset):
         "pairs" (the task samples, images undecoded)."""
         texts = self.texts() if self.texts is not None else None
         pairs = self.pairs() if self.pairs is not None else None
+        groups = bucketed(pairs, self.slicing.pairs, self.buckets) \
+            if pairs is not None and self.buckets else None
         while True:
             batch = {}
             if texts is not None:
                 batch["text"] = next(texts)
-            if pairs is not None:
+            if groups is not None:  # one aspect-ratio bucket per batch (unified/data/buckets.py)
+                batch["size"], batch["pairs"] = next(groups)
+            elif pairs is not None:
                 batch["pairs"] = [next(pairs) for _ in range(self.slicing.pairs)]
             yield batch
 
     # ----------------------------------------------------------------- this rank's part
-    def decode(self, smp: TaskSample, seed: int) -> TaskSample:
-        """The sample with its images decoded (train crop from `seed`); a placeholder with
-        valid=False when one does not decode."""
+    def decode(self, smp: TaskSample, seed: int, size: int | tuple[int, int] | None = None
+               ) -> TaskSample:
+        """The sample with its images decoded (train crop from `seed`) to `size` (default
+        image_size: square; (height, width): a bucket's); a placeholder with valid=False when
+        one does not decode."""
         images, valid = [], smp.valid
+        size = self.image_size if size is None else size
+        h, w = (size, size) if isinstance(size, int) else size
         if not self.decode_images:
             return dataclasses.replace(smp, images=[], seed=seed)
         for k, img in enumerate(smp.images):
@@ -98,12 +110,12 @@ class StepStream(IterableDataset):
                 continue
             self.decoded += 1
             try:
-                images.append(img.decode(self.image_size, train=True, seed=mix_seed(seed, k),
+                images.append(img.decode(size, train=True, seed=mix_seed(seed, k),
                                          flip=self.flip))
                 self.images.ok()
             except ValueError as e:
                 self.images(e)  # counted; raises DataError after too many in a row
-                images.append(torch.zeros(3, self.image_size, self.image_size))
+                images.append(torch.zeros(3, h, w))
                 valid = False
         return dataclasses.replace(smp, images=images, seed=seed, valid=valid)
 
@@ -121,7 +133,7 @@ class StepStream(IterableDataset):
             if "text" in batch:
                 mb["text"] = {k: v[i * b:(i + 1) * b] for k, v in batch["text"].items()}
             if "pairs" in batch:
-                mine = [self.decode(smp, mix_seed(step_seed, -1, j))
+                mine = [self.decode(smp, mix_seed(step_seed, -1, j), batch.get("size"))
                         for j, smp in enumerate(batch["pairs"][i * pb:(i + 1) * pb],
                                                 start=i * pb)]
                 mb["pairs"] = collate_task_samples(mine, seq_len=self.seq_len, pad_id=self.pad_id)

@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 
 from prior.dit import DiT
 from unified.config import ColaConfig, TrainConfig
+from unified.data.buckets import bucket_sizes
 from unified.data.streams import (
     DataError,
     SkipCounter,
@@ -61,6 +62,7 @@ from unified.training.checkpoint import (
 )
 from unified.training.heldout import HeldOut
 from unified.training.monitor import Monitor
+from unified.training.samples import SampleLog
 from vaes.text_vae import TextVAE
 from vaes.weights import load_part
 
@@ -188,6 +190,7 @@ class Trainer:
         self._names: list[str] | None = None  # the loss terms every rank reduces
         self.decoded = 0  # images decoded for training, all ranks
         self.heldout = HeldOut()
+        self.samples = SampleLog()
         if ckpt is not None:
             self._restore(ckpt)
         if self.dist.is_main:
@@ -343,10 +346,15 @@ class Trainer:
         # stage 1 with a frozen (pretrained) image VAE trains on the captions alone
         images = self.stage == 2 or not isinstance(self.model, ColaModel) or \
             self.model.image_vae_trainable
+        buckets = None  # aspect-ratio buckets (unified/data/buckets.py), when images are used
+        model = getattr(self, "model", None)  # None while the model is built (latent stats)
+        if d.buckets and images and getattr(model, "image_vae", None) is not None:
+            buckets = bucket_sizes(d.buckets, self.cfg.image.size, model.image_factor)
         return StepStream(texts if d.batch_size else None, pairs if self.tasks else None,
                           slicing, seed=seed, start=start, seq_len=self.cfg.data.seq_len,
                           pad_id=tokenizer.pad_token_id, image_size=self.cfg.image.size,
-                          flip=self.cfg.image.flip, skips=self.skips, decode=images)
+                          flip=self.cfg.image.flip, skips=self.skips, decode=images,
+                          buckets=buckets)
 
     def _batches(self):
         """Items of this rank's steps from the data position on (unified/training/batches.py:
@@ -587,6 +595,8 @@ class Trainer:
                                  " ".join(f"{k}={v:.4g}" for k, v in held.items()))
                 if self.step % t.ckpt_every == 0:
                     self._checkpoint()
+                if monitor is not None:  # sample captions and images (unified/training/samples.py)
+                    self.samples.log(self, monitor.writer, self.step)
         finally:
             bar.close()
             if monitor is not None:
