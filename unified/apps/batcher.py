@@ -345,6 +345,8 @@ class _Running:
 
     def report(self, outs: list[tuple[Slot, list[int]]], tok) -> None:
         """Push the job's rows computed this block; "done" once every row is."""
+        if self.job.closed:  # cancelled or timed out meanwhile: it leaves before the next block
+            return
         mine = {id(s) for s in self.slots}
         updates = []
         for slot, _new in outs:
