@@ -261,7 +261,8 @@ def test_full_queue_429_disconnect_frees_and_waiting_requests_batch(server, clie
     stream's client goes away mid-stream: its batch stops at the next block, and the four
     waiting requests run as ONE batch, each giving what it gives alone."""
     before = _health(server)
-    long = {"model": MODEL, "prompt": PROMPT, "max_tokens": 112, "stream": True, "steps": 16}
+    long = {"model": MODEL, "prompt": PROMPT, "max_tokens": 112, "stream": True, "steps": 16,
+            "seed": 4}  # 7 blocks: no early EOS
     with httpx.stream("POST", server + "v1/completions", json=long, timeout=120,
                       headers={"Authorization": f"Bearer {KEY}"}) as r:
         lines = r.iter_lines()
@@ -291,6 +292,25 @@ def test_full_queue_429_disconnect_frees_and_waiting_requests_batch(server, clie
         assert results[i] == pipe.generate_text(p, max_new_tokens=4, steps=1, seed=i).text
     assert client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=4,
                                      extra_body=FAST).choices[0].text is not None
+
+
+def test_a_request_joins_a_running_stream_mid_flight(server, client, pipe):
+    """Continuous batching through the real server: a request sent while a stream runs (same
+    knobs) joins its batch at the next block boundary (one batch, `joined` counted); both
+    give exactly their solo text."""
+    _wait_for(server, lambda h: h["running"] == 0 and h["waiting"] == 0)
+    before = _health(server)
+    knobs = {"steps": 8}
+    stream = iter(client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=112, seed=3,
+                                            stream=True, extra_body=knobs))  # 7 blocks
+    text = next(c for c in stream if c.choices and c.choices[0].text).choices[0].text
+    late = client.completions.create(model=MODEL, prompt="Open the file", max_tokens=20,
+                                     seed=1, extra_body=knobs).choices[0].text
+    text += "".join(c.choices[0].text for c in stream if c.choices)
+    h = _health(server)
+    assert h["joined"] == before["joined"] + 1 and h["batches"] == before["batches"] + 1
+    assert late == pipe.generate_text("Open the file", max_new_tokens=20, steps=8, seed=1).text
+    assert text == pipe.generate_text(PROMPT, max_new_tokens=112, steps=8, seed=3).text
 
 
 @pytest.mark.parametrize("flag,value", [("--port", "70000"), ("--max-batch", "0"),

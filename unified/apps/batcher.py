@@ -1,16 +1,21 @@
-"""Dynamic batching for the server: concurrent requests of the same task and knobs run as ONE
+"""Batching for the server: concurrent requests of the same task and knobs run as ONE
 batched generation on one worker thread.
 
 A `Job` is one HTTP request: one or more rows (its prompts times `n`), its own seeds, its own
-token budget. The worker takes the oldest waiting job, waits `window` seconds when it was idle
-(so requests arriving together form one batch), adds every waiting job with the same `key` (the
-knobs a batch shares: task, steps, guidance, shift, sampler, temperature, top-k, top-p) up to
-`max_batch` rows, and runs them. Text is generated block by block: after every block each job
-gets its rows' text so far (cut at its own budget) and leaves when its rows are done; the batch
-stops when no job is left (finished, cancelled by a client disconnect, or timed out). Every row
-draws its noise and tokens from its own seed (unified.generate.row_generators), so a request's
-output does not depend on its batch mates. Jobs join only at batch start (dynamic batching, not
-continuous batching: a job arriving mid-batch waits for the next one).
+token budget. Jobs merge only when their `key` agrees (the knobs a batch shares: task, steps,
+guidance, shift, sampler, temperature, top-k, top-p).
+
+Text (completions, chat, captions) is batched CONTINUOUSLY at block boundaries
+(unified/continuous.py): the oldest waiting job starts a batch; before every block, waiting
+jobs with the batch's key join it (up to `max_batch` rows, first come first served: a job of
+another key at the head of the queue stops the joining, so the batch drains and that job runs
+next), and rows that are finished (EOS or their budget), whose client went away or whose
+request timed out leave it, so the rows that stay stop paying for them. After every block
+each job gets its rows' text so far. Images run as one batch of the compatible jobs waiting
+when it starts (`window`: how long an idle server waits for batch mates; 0 by default, as
+text jobs join at the next block anyway). A row's prefix is encoded alone and its noise and
+tokens come from its own seed, so a request's output depends on its own inputs only, never
+on what it is batched with or when it joined.
 
 Results go back to the request's asyncio loop as events on `job.events`:
 ("rows", [RowUpdate]), ("images", [PIL.Image]), ("error", ApiError), ("done", None).
@@ -29,6 +34,7 @@ from dataclasses import dataclass, field
 import torch
 
 from unified.apps.errors import ApiError
+from unified.continuous import Slot, TextBatch
 from unified.generate import GenerationConfig, ImageGenerationConfig
 
 log = logging.getLogger("cola.serve")
@@ -100,16 +106,18 @@ class Batcher:
     """One worker thread running batches of compatible jobs; a bounded waiting queue."""
 
     def __init__(self, pipe, *, max_batch: int = 16, max_queue: int = 64,
-                 window: float = 0.02):
+                 window: float = 0.0, use_cache: bool = True):
         self.pipe, self.model = pipe, pipe.model
         self.max_batch, self.max_queue, self.window = max_batch, max_queue, window
+        self.use_cache = use_cache  # False: the slow uncached reference engine (tests)
         self.context = self.model.vae.config.max_len
         self._waiting: deque[Job] = deque()
         self._cv = threading.Condition()
         self._stop = False
         self.running: list[Job] = []
         self.stats = {"batches": 0, "rows": 0, "largest_batch": 0, "jobs": 0, "cancelled": 0,
-                      "timeouts": 0, "abandoned_batches": 0}
+                      "timeouts": 0, "abandoned_batches": 0, "joined": 0, "blocks": 0,
+                      "row_blocks": 0}
         self._thread = threading.Thread(target=self._loop, name="cola-batcher", daemon=True)
         self._thread.start()
 
@@ -151,7 +159,8 @@ class Batcher:
                                         f"({where})", "timeout_error", code="timeout"))
 
     def _take(self) -> list[Job] | None:
-        """The next batch: the oldest live job and every compatible waiting one."""
+        """The next batch: the oldest live job, and for images every compatible waiting one
+        (text jobs join a running text batch between blocks: `_joiners`)."""
         with self._cv:
             while True:
                 if self._stop:
@@ -167,38 +176,53 @@ class Batcher:
                     continue
                 first = self._waiting[0]
                 wait = first.deadline - first.timeout + self.window - now  # since it arrived
-                if wait > 0 and not self.running:  # idle: let its batch mates arrive
+                if wait > 0 and self.max_batch > 1:  # idle: let its batch mates arrive
                     self._cv.wait(wait)
                     continue
+                if first.kind != "image":
+                    self._waiting.popleft()
+                    self.running = [first]
+                    return self.running
                 batch, rows = [], 0
-                budget = tokens = 0
                 for job in list(self._waiting):
                     if job.key != first.key or (batch and rows + job.rows > self.max_batch):
                         continue
-                    b, t = max(budget, job.budget), max(tokens, job.prompt_tokens)
-                    if batch and job.kind != "image" and t + b > self.context:
-                        continue  # its prompt or budget would overflow a batch mate's context
                     batch.append(job)
-                    rows, budget, tokens = rows + job.rows, b, t
+                    rows += job.rows
                     self._waiting.remove(job)
                 self.running = batch
                 return batch
 
+    def _joiners(self, key: tuple, free: int) -> list[Job]:
+        """Waiting jobs that join the running text batch now: the oldest ones with its key
+        that fit in `free` rows, up to the first one that does not (first come, first
+        served: a job of another key stops the joining, the batch drains and it runs)."""
+        out = []
+        with self._cv:
+            now = time.monotonic()
+            for job in list(self._waiting):
+                if job.closed or now > job.deadline:
+                    continue  # _take drops and answers it
+                if job.key != key or job.rows > free:
+                    break
+                self._waiting.remove(job)
+                out.append(job)
+                free -= job.rows
+            self.running.extend(out)
+        return out
+
     def _loop(self) -> None:
         while (batch := self._take()) is not None:
             start = time.monotonic()
-            for job in batch:
-                job.started = start
             rows = sum(j.rows for j in batch)
             self.stats["batches"] += 1
-            self.stats["jobs"] += len(batch)
-            self.stats["rows"] += rows
-            self.stats["largest_batch"] = max(self.stats["largest_batch"], rows)
             try:
                 if batch[0].kind == "image":
+                    self._count(batch)
+                    self.stats["largest_batch"] = max(self.stats["largest_batch"], rows)
                     self._run_images(batch)
                 else:
-                    self._run_text(batch)
+                    self._run_text(batch[0])
             except _Abandoned:
                 self.stats["abandoned_batches"] += 1
             except ValueError as e:  # an input the checks let through: the user's error
@@ -206,14 +230,20 @@ class Batcher:
                     job.push("error", ApiError(400, str(e)))
             except Exception as e:  # noqa: BLE001 - keep serving; the requests learn why
                 log.exception("batch of %d rows failed", rows)
-                for job in batch:
+                for job in self.running:
                     job.push("error", ApiError(500, f"internal error: {type(e).__name__}: {e}",
                                                "server_error"))
             finally:
                 with self._cv:
                     self.running = []
-            log.debug("batch of %d jobs / %d rows in %.2f s", len(batch), rows,
-                      time.monotonic() - start)
+            log.debug("batch of %d jobs in %.2f s", len(batch), time.monotonic() - start)
+
+    def _count(self, jobs: list[Job]) -> None:
+        now = time.monotonic()
+        for job in jobs:
+            job.started = now
+        self.stats["jobs"] += len(jobs)
+        self.stats["rows"] += sum(j.rows for j in jobs)
 
     def _all_closed(self, batch: list[Job]) -> bool:
         """Time out expired jobs; True when no job of the batch is left."""
@@ -223,52 +253,65 @@ class Batcher:
                 self._expire(job, "while generating")
         return all(j.closed for j in batch)
 
-    def _run_text(self, batch: list[Job]) -> None:
-        from tasks import image_to_text, text_to_text
+    def _run_text(self, first: Job) -> None:
+        """Continuous batching: `first` starts a TextBatch; between blocks compatible waiting
+        jobs join (up to `max_batch` rows) and finished, cancelled or timed-out rows leave.
+        The batch ends when no row is left and no compatible job waits."""
+        batch = TextBatch(self.model, dataclasses.replace(first.gen, max_new_tokens=1),
+                          use_cache=self.use_cache)
+        live: list[_Running] = []
+        joining, cut, blocks = [first], False, 0
+        while True:
+            for run in live:
+                if not run.job.closed and time.monotonic() > run.job.deadline:
+                    self._expire(run.job, "while generating")
+            gone = [r for r in live if r.job.closed]  # cancelled or timed out: leave now
+            cut = cut or bool(gone)
+            batch.leave([s for r in gone for s in r.slots])
+            live = [r for r in live if not r.job.closed]
+            joining += self._joiners(first.key, self.max_batch - len(batch)
+                                     - sum(j.rows for j in joining))
+            for job in joining:
+                run = self._admit(batch, job)
+                if run is not None:
+                    live.append(run)
+                    self.stats["joined"] += blocks > 0
+            joining = []
+            if not len(batch):
+                break
+            self.stats["largest_batch"] = max(self.stats["largest_batch"], len(batch))
+            outs = batch.step()
+            blocks, cut = blocks + 1, False
+            self.stats["blocks"] += 1
+            self.stats["row_blocks"] += len(outs)
+            for run in live:
+                run.report(outs, self.model.tokenizer)
+            live = [r for r in live if not r.finished]
+            batch.leave([s for s, _ in outs if s.finished])  # their slots are free now
+        if cut:
+            raise _Abandoned
 
-        prompts = [p for j in batch for p in j.prompts]
-        seeds = [s for j in batch for s in j.seeds]
-        gen = dataclasses.replace(batch[0].gen, seed=seeds[0],
-                                  max_new_tokens=max(j.budget for j in batch))
-        if batch[0].kind == "caption":
-            x = torch.cat([j.images for j in batch]).to(self.model.vae.device)
-            questions = [q for j in batch for q in j.questions]
-            it = image_to_text.stream(self.model, x, questions, prompts, gen, seeds=seeds)
-            prefixes = prompts
-        else:
-            it = text_to_text.stream(self.model, prompts, gen, seeds=seeds)
-            prefixes = [""] * len(prompts)
-        tok = self.model.tokenizer
-        ids: list[list[int]] = [[] for _ in prompts]
-        done = [False] * len(prompts)
+    def _admit(self, batch: TextBatch, job: Job) -> _Running | None:
+        """The job's rows join the batch (its prefixes encoded); None when the job cannot run
+        (it is answered 400 and none of its rows stays)."""
+        self._count([job])
+        conditions = [None] * job.rows
         try:
-            for out in it:
-                at = 0
-                for job in batch:
-                    updates = []
-                    for i in range(job.rows):
-                        r = at + i
-                        if done[r] or job.closed:
-                            continue
-                        ids[r].extend(out.new_ids[r][: job.budget - len(ids[r])])
-                        finish = "length" if len(ids[r]) >= job.budget else \
-                            "stop" if out.finished[r] else None
-                        done[r] = finish is not None
-                        text = prefixes[r] + tok.decode(ids[r], skip_special_tokens=True)
-                        updates.append(RowUpdate(i, text, len(ids[r]), finish))
-                    if updates:
-                        job.push("rows", updates)
-                    if all(done[at:at + job.rows]):
-                        job.push("done")
-                    at += job.rows
-                if self._all_closed(batch):
-                    if not all(done):  # the rest left (went away or timed out): stop early
-                        raise _Abandoned
-                    break
-        finally:
-            it.close()
-        for job in batch:  # the engine stopped (every row at EOS or the budget)
-            job.push("done")
+            if job.kind == "caption":
+                from tasks.image_to_text import _conditions
+
+                conditions = _conditions(self.model, job.images.to(self.model.vae.device),
+                                         job.questions)
+            slots = []
+            for r in range(job.rows):
+                slots.append(batch.add(job.prompts[r], job.seeds[r], job.budget, (job, r),
+                                       conditions[r]))
+        except ValueError as e:
+            batch.leave(slots)
+            job.push("error", ApiError(400, str(e)))
+            return None
+        return _Running(job, slots, [job.prompts[r] if job.kind == "caption" else ""
+                                     for r in range(job.rows)])
 
     def _run_images(self, batch: list[Job]) -> None:
         from tasks import text_to_image
@@ -289,6 +332,37 @@ class Batcher:
             job.push("images", images[at:at + job.rows])
             job.push("done")
             at += job.rows
+
+
+@dataclass(eq=False)
+class _Running:
+    """A job in the running text batch: its rows' slots and text prefixes (a caption's)."""
+
+    job: Job
+    slots: list[Slot]
+    prefixes: list[str]
+    finished: bool = False
+
+    def report(self, outs: list[tuple[Slot, list[int]]], tok) -> None:
+        """Push the job's rows computed this block; "done" once every row is."""
+        if self.job.closed:  # cancelled or timed out meanwhile: it leaves before the next block
+            return
+        mine = {id(s) for s in self.slots}
+        updates = []
+        for slot, _new in outs:
+            if id(slot) not in mine:
+                continue
+            r = slot.tag[1]
+            finish = None
+            if slot.finished:
+                finish = "length" if len(slot.generated) >= slot.budget else "stop"
+            text = self.prefixes[r] + tok.decode(slot.generated, skip_special_tokens=True)
+            updates.append(RowUpdate(r, text, len(slot.generated), finish))
+        if updates:
+            self.job.push("rows", updates)
+        if all(s.finished for s in self.slots):
+            self.finished = True
+            self.job.push("done")
 
 
 class _Abandoned(Exception):

@@ -174,7 +174,7 @@ def _sse(obj) -> str:
 
 
 def create_app(pipe, *, model_id: str, api_key: str | None = None, max_batch: int = 16,
-               max_queue: int = 64, window: float = 0.02, timeout: float = 300.0,
+               max_queue: int = 64, window: float = 0.0, timeout: float = 300.0,
                max_body: int = 16 << 20) -> FastAPI:
     """The FastAPI app; its batcher's worker thread runs while the app is served."""
     ctx = ServeContext(pipe, model_id, timeout)

@@ -72,9 +72,9 @@ def add_parser(sub) -> None:
                    help="rows generated together at most; 1 = no batching (default: 16)")
     s.add_argument("--max-queue", type=int, default=64,
                    help="requests waiting at most, more are answered 429 (default: 64)")
-    s.add_argument("--batch-window-ms", type=float, default=20.0,
+    s.add_argument("--batch-window-ms", type=float, default=0.0,
                    help="how long an idle server waits for batch mates of a first request "
-                        "(default: 20)")
+                        "(default: 0: text requests join a running batch at its next block)")
     s.add_argument("--timeout", type=float, default=300.0,
                    help="seconds a request may wait and run in all (default: 300)")
     s.add_argument("--max-body-mb", type=float, default=16.0, help="request body size limit (default: 16)")
