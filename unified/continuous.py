@@ -95,7 +95,10 @@ class TextBatch:
                     *row_generators([seed], seed, 1, dev, offset=1))
         prefix = [[*(conditions or []),
                    *self.engine._prompt_segments(rows, 0, droppable=conditions is None)]]
-        prior = open_session(self.model.prior, prefix, self.bs, self.gen.guidance, self.use_cache)
+        # text-to-text: CFG drops the pinned prompt tail too (as TextGenerator.stream)
+        tail_drop = self.engine._block(rows, 0)[1] if conditions is None else None
+        prior = open_session(self.model.prior, prefix, self.bs, self.gen.guidance, self.use_cache,
+                             pinned_drop=tail_drop)
         decoder = _TextDecoder(self.model.vae, rows.z_prompt, rows.n_full, self.bs,
                                self.use_cache)
         if not self.use_cache:
@@ -220,13 +223,12 @@ def _flush(s: _CachedPrior) -> int:
     next block's first step). Returns the calls made (0 or 1)."""
     if s.pending is None:
         return 0
-    zp, mp, pp = s.pending
-    n = zp.shape[1]
+    zp, mp, pp, hidden = s.pending
     t = torch.zeros(zp.shape[:2], device=zp.device)
-    s.prior(s._rows(zp), s._rows(t), s._rows(mp), s._rows(pp), s._mask(n, 0), cache=s.cache,
-            commit=True)
+    s.prior(s._rows(zp), s._rows(t), s._rows(mp), s._rows(pp), s._mask(hidden, 0),
+            cache=s.cache, commit=True)
     s.pending = None
-    s.key_valid = torch.cat([s.key_valid, s.key_valid.new_ones(s.key_valid.shape[0], n)], 1)
+    s.key_valid = torch.cat([s.key_valid, ~hidden], 1)
     s.nfe += 1
     return 1
 
@@ -270,6 +272,8 @@ def _merge_prior(a: _CachedPrior, b: _CachedPrior) -> _CachedPrior:
     s.prior, s.guidance, s.nfe, s.pending = a.prior, a.guidance, a.nfe + b.nfe, None
     s.uncond = torch.cat([a.uncond, b.uncond + ba])
     s.key_valid = _pad_cat(a.key_valid, b.key_valid, 1)[order.to(a.key_valid.device)]
+    # the pinned prompt tokens each row's unconditional branch hides in its next block
+    s.hidden = _pad_cat(a.hidden, b.hidden, 1)[order.to(a.hidden.device)]
     s.cache = KVCache(len(a.cache.k), a.cache.capacity)
     for i in range(len(a.cache.k)):
         (ka, va), (kb, vb) = a.cache.get(i), b.cache.get(i)
@@ -307,7 +311,9 @@ def _select_prior(s: _CachedPrior, keep: list[int]) -> _CachedPrior:
     cols = valid.any(0).nonzero()[:, 0]
     out.key_valid = valid[:, cols]
     out.cache = _cache_rows(s.cache, order, cols)
-    out.pending = None if s.pending is None else tuple(x[keep_t] for x in s.pending)
+    out.hidden = s.hidden[order]
+    out.pending = None if s.pending is None else (
+        *(x[keep_t] for x in s.pending[:3]), s.pending[3][order])  # hidden: [B + U] rows
     return out
 
 

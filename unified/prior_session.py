@@ -67,8 +67,8 @@ class _CachedPrior:
         cache = self.key_valid[:, None, :].expand(rb, n, -1)
         new = torch.ones(rb, n, n, dtype=torch.bool, device=dev)
         new[:, :n_pending, n_pending:] = False  # the clean block never sees the noisy one
-        hidden = self.hidden if pending_hidden is None else torch.cat(
-            [pending_hidden, self.hidden], 1)  # [rb, n]
+        cur = self.hidden if self.hidden.shape[1] == n_new else self.hidden.new_zeros(rb, n_new)
+        hidden = cur if pending_hidden is None else torch.cat([pending_hidden, cur], 1)  # [rb, n]
         new &= ~(hidden[:, None, :] & ~hidden[:, :, None])
         return torch.cat([cache, new], 2)
 
