@@ -114,7 +114,7 @@ def prompt_ids(model, text: str) -> list[int]:
 
 @pytest.mark.parametrize("guidance", [1.0, 3.0])
 @pytest.mark.parametrize("prompts", [
-    ["a large red"],  # shorter than a block: pinned in the first block, nothing to drop
+    ["a large red"],  # shorter than a block: pinned in the first block, dropped whole by CFG
     ["Return the number of items in the list", "Open"],  # whole blocks C + a pinned tail
 ])
 def test_text_to_text_training_equals_engine(tiny_unified, monkeypatch, prompts, guidance):
