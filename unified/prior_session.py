@@ -82,8 +82,6 @@ class _CachedPrior:
             z = torch.cat([zp, z], 1)
             t = torch.cat([torch.zeros(zp.shape[:2], device=zp.device), t], 1)
             modality, pos = torch.cat([mp, modality], 1), torch.cat([pp, pos], 1)
-        if self.hidden.shape[1] != z.shape[1] - n_p:  # only the first block pins a prompt
-            self.hidden = self.hidden.new_zeros(self.hidden.shape[0], z.shape[1] - n_p)
         v = self.prior(self._rows(z), self._rows(t), self._rows(modality), self._rows(pos),
                        self._mask(pending_hidden, z.shape[1] - n_p), cache=self.cache,
                        commit=n_p if n_p else False)[:, n_p:].float()
