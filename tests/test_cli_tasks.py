@@ -92,6 +92,7 @@ def test_caption_bad_input(capsys, tmp_path, tiny_unified_checkpoint, not_an_ima
     assert "steps" in run_error(capsys, ["caption", image, *ck, "--steps", "0"])
     assert "candidates" in run_error(capsys, ["caption", image, *ck, "--candidates", "0"])
     assert "temperature" in run_error(capsys, ["caption", image, *ck, "--temperature", "inf"])
+    assert "noise_scale" in run_error(capsys, ["caption", image, *ck, "--noise-scale", "-1"])
     line = run_error(capsys, ["caption", image, *ck, "--question", "q" * 3000])
     assert "question is too long" in line
 
@@ -162,3 +163,15 @@ def test_bad_numbers_fail_before_the_model_loads(capsys, tmp_path, argv, word):
     argv = [image if a == "IMAGE" else str(tmp_path / "o.png") if a == "OUT" else a for a in argv]
     line = run_error(capsys, [*argv, "--checkpoint", str(tmp_path / "no-model")])
     assert word in line and "no Cola model" not in line, line
+
+
+def test_generate_noise_scale(capsys, tiny_unified_checkpoint):
+    """--noise-scale reaches the flow: at 0 two seeds write the same continuation."""
+    ck = ["--checkpoint", str(tiny_unified_checkpoint)]
+    outs = []
+    for seed in ("1", "2"):
+        assert main(["generate", "The function", *ck, "--max-new-tokens", "6", "--steps", "2",
+                     "--noise-scale", "0", "--seed", seed]) == 0
+        outs.append(capsys.readouterr().out)
+    assert outs[0] == outs[1] and outs[0].startswith("The function")
+    assert "noise_scale" in run_error(capsys, ["generate", "x", *ck, "--noise-scale", "nan"])

@@ -48,9 +48,12 @@ def run_with_joins(batch: TextBatch, rows, join_at: dict[int, list[int]]) -> dic
     return {i: s.generated for i, s in slots.items()}
 
 
-@pytest.mark.parametrize("temperature,guidance", [(0.0, 2.0), (1.0, 2.0), (0.0, 1.0)])
-def test_rows_joining_mid_flight_give_their_solo_output(tiny_unified, temperature, guidance):
-    gen = GenerationConfig(steps=3, guidance=guidance, temperature=temperature)
+@pytest.mark.parametrize("temperature,guidance,noise_scale",
+                         [(0.0, 2.0, 1.0), (1.0, 2.0, 1.0), (0.0, 1.0, 1.0), (0.0, 2.0, 0.5)])
+def test_rows_joining_mid_flight_give_their_solo_output(tiny_unified, temperature, guidance,
+                                                        noise_scale):
+    gen = GenerationConfig(steps=3, guidance=guidance, temperature=temperature,
+                           noise_scale=noise_scale)
     joins = {0: [0, 1], 2: [2], 3: [3]}  # two start, one joins at block 2, one at block 3
     fast = run_with_joins(TextBatch(tiny_unified, gen), ROWS, joins)
     slow = run_with_joins(TextBatch(tiny_unified, gen, use_cache=False), ROWS, joins)

@@ -120,6 +120,9 @@ def test_overlap_metric_on_hand_made_strings():
     # 2 shared of 4 -> 0.5; across seeds (one prompt): "red is", "is here" shared of 4 -> 0.5
     assert r["across_prompts"] == pytest.approx(0.5) and r["across_seeds"] == pytest.approx(0.5)
     assert r["ratio"] == pytest.approx(1.0) and r["words"] == 4
+    assert r["distinct2"] == 1.0  # no text repeats a bigram
+    assert D.distinct_bigrams("the the the the") == pytest.approx(1 / 3)
+    assert D.distinct_bigrams("a b a b") == pytest.approx(2 / 3) and D.distinct_bigrams("a") == 1.0
     assert len(r["samples"]) == 6
     assert D.overlap_ratio(0.0, 0.0) != D.overlap_ratio(0.0, 0.0)  # nan
 

@@ -91,6 +91,25 @@ def test_seed_changes_output_and_is_reproducible(model):
     assert a == b and a != c
 
 
+def test_noise_scale_is_the_flow_temperature(model):
+    """noise_scale is the std of each block's starting noise: at 0 every seed starts from the
+    same point (the output no longer depends on the seed), in between the cached engine still
+    equals the reference, and the latents differ from those of the full-noise flow."""
+    engine = TextGenerator(model)
+    gen = GenerationConfig(max_new_tokens=8, steps=2, guidance=2.0, noise_scale=0.0)
+    zero = [list(engine.stream(PROMPTS, dataclasses.replace(gen, seed=s))) for s in (0, 1, 5)]
+    for other in zero[1:]:
+        assert other[-1].texts == zero[0][-1].texts
+        for a, b in zip(zero[0], other):
+            assert torch.equal(a.latents, b.latents)
+    half = dataclasses.replace(gen, noise_scale=0.5, seed=3)
+    fast, slow = list(engine.stream(PROMPTS, half)), list(engine.stream(PROMPTS, half, use_cache=False))
+    for f, s in zip(fast, slow):
+        assert f.new_ids == s.new_ids and (f.latents - s.latents).abs().max().item() <= 1e-4
+    full = list(engine.stream(PROMPTS, dataclasses.replace(half, noise_scale=1.0)))
+    assert (full[0].latents - fast[0].latents).abs().max() > 1e-2
+
+
 def test_stops_at_eos_and_respects_budget(model):
     engine = TextGenerator(model)
     with torch.no_grad():
@@ -114,7 +133,8 @@ def test_bad_prompts_raise_clear_errors(model, prompt, match):
 
 
 @pytest.mark.parametrize("kw", [{"steps": 0}, {"guidance": float("nan")}, {"top_p": 0.0},
-                                {"temperature": -1.0}, {"method": "rk45"}, {"shift": 0.0}])
+                                {"temperature": -1.0}, {"method": "rk45"}, {"shift": 0.0},
+                                {"noise_scale": -0.5}, {"noise_scale": float("inf")}])
 def test_bad_settings_raise(kw):
     with pytest.raises(ValueError):
         GenerationConfig(**kw)

@@ -100,6 +100,16 @@ def test_completion_streams_the_same_text_block_by_block(client, pipe):
     assert all(c.choices[0].finish_reason is None for c in chunks[:-1])
 
 
+def test_noise_scale_reaches_the_engine(client, pipe):
+    """The flow's temperature is an extra field: the server's text is the pipeline's at the
+    same noise_scale, and at 0 it no longer depends on the seed."""
+    kw = dict(model=MODEL, prompt=PROMPT, max_tokens=12)
+    got = [client.completions.create(**kw, seed=s, extra_body={**FAST, "noise_scale": ns})
+           .choices[0].text for s, ns in ((1, 0.5), (1, 0.0), (2, 0.0))]
+    want = pipe.generate_text(PROMPT, max_new_tokens=12, steps=2, seed=1, noise_scale=0.5).text
+    assert got[0] == want and got[1] == got[2]
+
+
 def test_chat_continues_the_conversation_with_n_choices(client, pipe):
     messages = [{"role": "system", "content": "Docs."},
                 {"role": "user", "content": [{"type": "text", "text": "Open the file"}]}]
@@ -184,6 +194,8 @@ BAD = [  # (path, body, status, param, words)
     ("v1/completions", {"model": MODEL, "prompt": PROMPT, "temperature": 5}, 400,
      "temperature", "temperature"),
     ("v1/completions", {"model": MODEL, "prompt": PROMPT, "top_p": 0}, 400, "top_p", "top_p"),
+    ("v1/completions", {"model": MODEL, "prompt": PROMPT, "noise_scale": -1}, 400,
+     "noise_scale", "noise_scale"),
     ("v1/completions", {"model": MODEL, "prompt": PROMPT, "max_tokens": 5000}, 400,
      "max_tokens", "context"),
     ("v1/completions", {"model": MODEL, "prompt": PROMPT, "n": 99}, 400, "n", "n must"),

@@ -142,8 +142,8 @@ class TextBatch:
         pos = (torch.tensor([s.offset for s in self.slots], device=dev)[:, None]
                + text_pos)[..., None].expand(b, self.bs, 2)
         mod = torch.full((b, self.bs), MODALITY_TEXT, dtype=torch.long, device=dev)
-        eps = torch.stack([torch.randn(self.bs, d, device=dev, generator=s.noise_gen)
-                           for s in self.slots])
+        eps = self.gen.noise_scale * torch.stack(
+            [torch.randn(self.bs, d, device=dev, generator=s.noise_gen) for s in self.slots])
         m = self.model
         if self.use_cache:
             z = self._integrate(self.prior, eps, mod, pos, pinned, values)

@@ -288,7 +288,7 @@ class TextGenerator:
         for g in range(max_blocks):
             text_pos, pinned, values = self._block(rows, g)
             pos = (rows.offset[:, None] + text_pos)[..., None].expand(b, self.bs, 2)
-            eps = row_randn(noise_gens, self.bs, d, device=dev)
+            eps = gen.noise_scale * row_randn(noise_gens, self.bs, d, device=dev)
 
             def velocity(z, t, pos=pos):
                 return self.model.prior_out(prior.velocity(self.model.prior_in(z), t, mod, pos), d)

@@ -32,6 +32,10 @@ class GenerationConfig:
     shift: float = 1.0
     method: str = "euler"
     temperature: float = 0.0  # token sampling in the decoder; 0 = greedy (the flow samples)
+    # the flow's temperature: the std of the noise each text block starts from. Below 1 the
+    # ODE starts nearer the centre of the prior and lands nearer its modes, so the history
+    # (the prompt) decides more of the text and the seed less (docs/diagnostics.md)
+    noise_scale: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
     seed: int = 0
@@ -40,6 +44,7 @@ class GenerationConfig:
         set_ = lambda k, v: object.__setattr__(self, k, v)  # a frozen dataclass
         set_("max_new_tokens", check_int("max_new_tokens", self.max_new_tokens, 1, 1 << 20))
         check_real("temperature", self.temperature, 0.0, 10.0)
+        check_real("noise_scale", self.noise_scale, 0.0, 10.0)
         set_("top_k", check_int("top_k", self.top_k, 0, 1 << 30))
         check_real("top_p", self.top_p, 0.0, 1.0, low_open=True)
         set_("seed", check_int("seed", self.seed, 0, MAX_SEED))

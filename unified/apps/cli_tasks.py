@@ -54,7 +54,7 @@ def _check_knobs(**knobs) -> None:
 
 def _check_text_args(args, **extra) -> None:
     _check_knobs(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                 **_sampling(args), **extra)
+                 noise_scale=args.noise_scale, **_sampling(args), **extra)
 
 
 def cmd_generate(args) -> None:
@@ -67,7 +67,8 @@ def cmd_generate(args) -> None:
     shown = ""
     for out in pipe.generate_text(args.prompt, max_new_tokens=args.max_new_tokens,
                                   temperature=args.temperature, top_k=args.top_k,
-                                  top_p=args.top_p, stream=True, **_sampling(args)):
+                                  top_p=args.top_p, noise_scale=args.noise_scale, stream=True,
+                                  **_sampling(args)):
         text = out.texts[0]
         print(text[len(shown):], end="", flush=True)
         shown = text
@@ -85,7 +86,7 @@ def cmd_caption(args) -> None:
     pipe = _pipeline(args.checkpoint)
     out = pipe.caption(image, question=args.question, prefix=args.prefix,
                        max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                       rerank=args.candidates, **_sampling(args))
+                       noise_scale=args.noise_scale, rerank=args.candidates, **_sampling(args))
     print(out.text)
     print(f"({out.seconds:.2f} s, {out.nfe} model evaluations)", file=sys.stderr)
 
@@ -213,6 +214,8 @@ def _sampling_args(s: argparse.ArgumentParser, steps: int, guidance: float, text
     s.add_argument("--seed", type=int, default=0)
     if text:
         s.add_argument("--temperature", type=float, help=f"0 = greedy{model}")
+        s.add_argument("--noise-scale", type=float,
+                       help=f"std of each block's starting noise, the flow's temperature{model}")
 
 
 def add_parsers(sub) -> None:

@@ -135,6 +135,15 @@ def jaccard(a: set, b: set) -> float:
     return len(a & b) / len(a | b) if a or b else 1.0
 
 
+def distinct_bigrams(text: str) -> float:
+    """Distinct word bigrams / all word bigrams of one text (distinct-2; 1 = no bigram
+    repeats). A text that loops ("the the the ...") scores near 0, so a low overlap ratio
+    bought with repetition shows here. A text of fewer than two words counts as 1."""
+    words = text.lower().split()
+    pairs = list(zip(words, words[1:]))
+    return len(set(pairs)) / len(pairs) if pairs else 1.0
+
+
 def mean_pairwise_overlap(texts: Sequence[str]) -> float:
     """Mean Jaccard overlap of word bigrams over every pair of texts."""
     grams = [word_bigrams(t) for t in texts]
@@ -162,8 +171,10 @@ def prompt_sensitivity(generate: Callable[[str, int], str], prompts: Sequence[st
     a = sum(mean_pairwise_overlap([out[p, s] for p in prompts]) for s in seeds) / len(seeds)
     b = sum(mean_pairwise_overlap([out[p, s] for s in seeds]) for p in prompts) / len(prompts)
     words = sum(len(t.split()) for t in out.values()) / len(out)
+    distinct = sum(distinct_bigrams(t) for t in out.values()) / len(out)
     return {"across_prompts": a, "across_seeds": b, "ratio": overlap_ratio(a, b),
-            "words": words, "samples": {f"{p} | seed {s}": t for (p, s), t in out.items()}}
+            "words": words, "distinct2": distinct,
+            "samples": {f"{p} | seed {s}": t for (p, s), t in out.items()}}
 
 
 def read_prompts(path: str) -> list[str]:
@@ -176,15 +187,18 @@ def read_prompts(path: str) -> list[str]:
 
 
 def generator_fn(model, max_new_tokens: int, steps: int = 8, guidance: float = 2.0,
-                 temperature: float = 1.0) -> Callable[[str, int], str]:
-    """`generate(prompt, seed)` for a Cola model (the flow samples, the decoder is greedy) or
-    an AR / MDLM baseline (token sampling at `temperature`: greedy would not depend on the seed)."""
+                 temperature: float = 1.0, noise_scale: float = 1.0
+                 ) -> Callable[[str, int], str]:
+    """`generate(prompt, seed)` for a Cola model (the flow samples from noise of std
+    `noise_scale`, the decoder is greedy) or an AR / MDLM baseline (token sampling at
+    `temperature`: greedy would not depend on the seed)."""
     if isinstance(model, ColaModel):
         from unified.generate import GenerationConfig, TextGenerator
 
         engine = TextGenerator(model)
         return lambda p, s: engine.generate(p, GenerationConfig(
-            max_new_tokens=max_new_tokens, steps=steps, guidance=guidance, temperature=0.0, seed=s))
+            max_new_tokens=max_new_tokens, steps=steps, guidance=guidance, temperature=0.0, seed=s,
+            noise_scale=noise_scale))
     kw = {"steps": steps} if model.kind == "mdlm" else {}
     return lambda p, s: model.generate([p], max_new_tokens, temperature=temperature, seed=s,
                                        **kw)[0]

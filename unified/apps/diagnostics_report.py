@@ -52,6 +52,9 @@ def add_arguments(s: argparse.ArgumentParser) -> None:
                    metavar="G1,G2,..", help="CFG scales of the sweep (at --steps)")
     g.add_argument("--steps-sweep", type=_numbers(int), default=[4, 8, 16], metavar="S1,S2,..",
                    help="ODE steps of the sweep (at --text-guidance)")
+    g.add_argument("--noise-scale-sweep", type=_numbers(float), default=[1.0, 0.5, 0.25],
+                   metavar="S1,S2,..", help="Cola: starting-noise stds of the sweep (the "
+                   "flow's temperature; at --steps and --text-guidance)")
     g.add_argument("--temperature", type=float, default=1.0,
                    help="baselines only: token sampling temperature (Cola's flow samples)")
     g.add_argument("--posterior", choices=["mean", "sample"], default="mean",
@@ -91,11 +94,11 @@ def history_table(r: dict) -> str:
 
 def sensitivity_row(label: str, r: dict) -> str:
     return (f"| {label} | {_f(r['across_prompts'])} | {_f(r['across_seeds'])} | "
-            f"{_ratio(r['ratio'])} | {r['words']:.1f} |")
+            f"{_ratio(r['ratio'])} | {r['words']:.1f} | {r['distinct2']:.2f} |")
 
 
-SENS_HEAD = ["| setting | across prompts (one seed) | across seeds (one prompt) | ratio | words |",
-             "|---|---:|---:|---:|---:|"]
+SENS_HEAD = ["| setting | across prompts (one seed) | across seeds (one prompt) | ratio | words | "
+             "distinct-2 |", "|---|---:|---:|---:|---:|---:|"]
 
 
 def samples_block(r: dict, prompts: list[str], seeds: list[int]) -> str:
@@ -157,7 +160,7 @@ def command(args) -> str:
                  "--text-guidance", f"{args.text_guidance:g}"]
     if "sweep" in args.parts:
         argv += ["--guidance-sweep", join(args.guidance_sweep), "--steps-sweep",
-                 join(args.steps_sweep)]
+                 join(args.steps_sweep), "--noise-scale-sweep", join(args.noise_scale_sweep)]
     return shlex.join(argv)
 
 
@@ -193,7 +196,8 @@ def run(args) -> str:
     if "history" in parts:
         section(f"History gain of the held-out flow loss ({args.posterior} latents)",
                 lambda: history_table(D.history_gain(model, batches, posterior=args.posterior)))
-    base = dict(steps=args.steps, guidance=args.text_guidance, temperature=args.temperature)
+    base = dict(steps=args.steps, guidance=args.text_guidance, temperature=args.temperature,
+                noise_scale=1.0)
 
     done: dict[tuple, dict] = {}  # a setting met twice (base, sweeps) is generated once
 
@@ -229,11 +233,16 @@ def run(args) -> str:
                 for s in args.steps_sweep:
                     rows.append(sensitivity_row(f"guidance {args.text_guidance:g}, {s} steps",
                                                 sensitivity(steps=s)))
+                for ns in args.noise_scale_sweep:
+                    rows.append(sensitivity_row(
+                        f"guidance {args.text_guidance:g}, {args.steps} steps, noise {ns:g}",
+                        sensitivity(noise_scale=ns)))
             else:
                 for s in args.steps_sweep:
                     rows.append(sensitivity_row(f"{s} steps", sensitivity(steps=s)))
             return "\n".join(rows)
-        section("Effect of the CFG scale and the number of steps on prompt sensitivity", sweep_part)
+        section("Effect of the CFG scale, the number of steps and the starting noise on prompt "
+                "sensitivity", sweep_part)
     text = "\n".join(out) + "\n"
     if args.markdown:
         with open(args.markdown, "w", encoding="utf-8") as f:

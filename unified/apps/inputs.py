@@ -144,6 +144,7 @@ KNOBS: dict[str, Range] = {
     "guidance": Range(0.0, 50.0),
     "shift": Range(0.0, math.inf, low_open=True),
     "temperature": Range(0.0, 10.0),
+    "noise_scale": Range(0.0, 10.0),
     "top_k": Range(0, 1 << 30, whole=True),
     "top_p": Range(0.0, 1.0, low_open=True),
     "seed": Range(0, MAX_SEED, whole=True),

@@ -169,7 +169,8 @@ class UnifiedPipeline(DiffusionPipeline):
                       steps: int | None = None, guidance: float | None = None,
                       shift: float | None = None, temperature: float | None = None,
                       top_k: int | None = None, top_p: float | None = None,
-                      seed: int | list[int] = 0, method: str | None = None, stream: bool = False
+                      seed: int | list[int] = 0, method: str | None = None,
+                      noise_scale: float | None = None, stream: bool = False
                       ) -> TextResult | Iterator[BlockOutput]:
         """Continue a prompt (or a list of prompts) block by block; `stream=True` yields a
         BlockOutput per block instead of the final TextResult. `seed`: one for every prompt,
@@ -179,7 +180,8 @@ class UnifiedPipeline(DiffusionPipeline):
         seed, seeds = row_seeds(seed, len(prompts))
         gen = GenerationConfig(**inputs.knobs(seed=seed, **self.defaults.fill(
             "text", max_new_tokens=max_new_tokens, steps=steps, guidance=guidance, shift=shift,
-            temperature=temperature, top_k=top_k, top_p=top_p, method=method)))
+            temperature=temperature, top_k=top_k, top_p=top_p, method=method,
+            noise_scale=noise_scale)))
         it = text_to_text.stream(self.model, prompts, gen, seeds=seeds)
         return it if stream else _finish_text(it)
 
@@ -187,7 +189,8 @@ class UnifiedPipeline(DiffusionPipeline):
                 max_new_tokens: int | None = None, steps: int | None = None,
                 guidance: float | None = None, shift: float | None = None,
                 temperature: float | None = None, seed: int = 0, method: str | None = None,
-                rerank: int = 0, stream: bool = False) -> TextResult | Iterator[BlockOutput]:
+                noise_scale: float | None = None, rerank: int = 0, stream: bool = False
+                ) -> TextResult | Iterator[BlockOutput]:
         """Describe an image (or answer `question` about it), optionally continuing `prefix`.
         `image`: a PIL image, an H x W x 3 array, a path, or a list of those. `rerank` = K > 1
         samples K captions (seeds seed .. seed+K-1) and keeps the one the same prior's
@@ -200,7 +203,7 @@ class UnifiedPipeline(DiffusionPipeline):
         prefix = check_prompt(prefix, "caption prefix", allow_empty=True)
         knobs = inputs.knobs(seed=seed, rerank=rerank, **self.defaults.fill(
             "caption", max_new_tokens=max_new_tokens, steps=steps, guidance=guidance,
-            shift=shift, temperature=temperature, method=method))
+            shift=shift, temperature=temperature, method=method, noise_scale=noise_scale))
         rerank = knobs.pop("rerank")
         gen = GenerationConfig(**knobs)
         x = torch.stack([prepare_image(im, self.model.image_size) for im in images])

@@ -64,6 +64,7 @@ class _TextBody(_Body):
     temperature: float | None = None
     top_p: float | None = None
     top_k: int | None = None
+    noise_scale: float | None = None  # the flow's temperature (GenerationConfig.noise_scale)
     stream: bool | None = False
     stream_options: dict | None = None
 
@@ -177,10 +178,13 @@ def _text_gen(body: _TextBody, ctx: ServeContext, prompt_tokens: int, task: str,
     top_k = d.top_k if body.top_k is None else body.top_k
     with as_param("top_k"):
         inputs.whole("top_k", top_k, 0, 1 << 20)
+    noise_scale = d.noise_scale if body.noise_scale is None else body.noise_scale
+    with as_param("noise_scale"):
+        inputs.real("noise_scale", noise_scale, 0.0, 10.0)
     knobs = _sampler(body, d)
     with as_param(param):
         return GenerationConfig(max_new_tokens=budget, temperature=temperature, top_p=top_p,
-                                top_k=top_k, seed=seed, **knobs)
+                                top_k=top_k, seed=seed, noise_scale=noise_scale, **knobs)
 
 
 def completion_job(body: CompletionRequest, ctx: ServeContext) -> Job:
