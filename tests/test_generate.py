@@ -189,3 +189,14 @@ def test_bf16_weights_generate_like_fp32(model):
     for o, r in zip(out, ref):
         assert o.latents.dtype == torch.float32  # the ODE state stays fp32
         assert (o.latents - r.latents).abs().max() <= 0.05 * r.latents.abs().max()
+
+
+def test_take_tokens_skips_pins_stops_at_eos_and_room():
+    from unified.generate import take_tokens
+
+    eos = 9
+    assert take_tokens([5, 6, 7, 8], [True, True, False, False], 10, eos) == ([7, 8], False)
+    assert take_tokens([5, 9, 7], [False, False, False], 10, eos) == ([5], True)
+    assert take_tokens([9, 7], [True, False], 10, eos) == ([7], False)  # a pinned EOS is prompt
+    assert take_tokens([1, 2, 3], [False] * 3, 2, eos) == ([1, 2], False)
+    assert take_tokens([1, 2], [False] * 2, 0, eos) == ([], False)

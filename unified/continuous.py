@@ -38,7 +38,8 @@ from unified.generate import (
     TextGenerator,
     _TextDecoder,
     row_generators,
-    sample_tokens,
+    sample_block,
+    take_tokens,
 )
 from unified.layout import MODALITY_TEXT, Segment, next_position
 from unified.prior_session import _CachedPrior, open_session
@@ -187,27 +188,12 @@ class TextBatch:
 
     def _emit(self, logits, pinned) -> list[tuple[Slot, list[int]]]:
         """As TextGenerator._emit, per row with its own budget and token generator."""
-        g = self.gen
-        if g.temperature == 0:
-            sampled = logits.argmax(-1)
-        else:
-            sampled = torch.stack([sample_tokens(row, g.temperature, g.top_k, g.top_p,
-                                                 s.token_gen)
-                                   for row, s in zip(logits, self.slots)])
-        eos = self.model.tokenizer.eos_token_id
+        sampled = sample_block(logits, self.gen, [s.token_gen for s in self.slots]).tolist()
+        pins, eos = pinned.tolist(), self.model.tokenizer.eos_token_id
         out = []
         for i, s in enumerate(self.slots):
-            new: list[int] = []
-            for j in range(self.bs):
-                if len(s.generated) + len(new) >= s.budget:
-                    break
-                if pinned[i, j]:
-                    continue
-                tok = int(sampled[i, j])
-                if tok == eos:
-                    s.finished = True
-                    break
-                new.append(tok)
+            new, hit = take_tokens(sampled[i], pins[i], s.budget - len(s.generated), eos)
+            s.finished = s.finished or hit
             s.generated.extend(new)
             s.block += 1
             max_blocks = (s.budget + self.bs - 1) // self.bs + 1  # as TextGenerator.stream

@@ -107,6 +107,33 @@ def sample_tokens(logits: torch.Tensor, temperature: float, top_k: int, top_p: f
     return flat.view(probs.shape[:-1])
 
 
+def sample_block(logits: torch.Tensor, gen: GenerationConfig,
+                 generators: list[torch.Generator]) -> torch.Tensor:
+    """Token ids [B, bs] of one block's logits [B, bs, V]: argmax at temperature 0 (no draws,
+    one call for the whole batch), else each row drawn from its own generator, so a row's
+    tokens depend on its own seed only."""
+    if gen.temperature == 0:
+        return logits.argmax(-1)
+    return torch.stack([sample_tokens(row, gen.temperature, gen.top_k, gen.top_p, g)
+                        for row, g in zip(logits, generators)])
+
+
+def take_tokens(sampled: list[int], pinned: list[bool], room: int, eos: int
+                ) -> tuple[list[int], bool]:
+    """The new tokens of one row's block: the sampled ids where the block is not pinned to the
+    prompt, at most `room` of them, cut before the first EOS. Returns (ids, hit EOS)."""
+    out: list[int] = []
+    for tok, pin in zip(sampled, pinned):
+        if len(out) >= room:
+            break
+        if pin:
+            continue
+        if tok == eos:
+            return out, True
+        out.append(tok)
+    return out, False
+
+
 # --------------------------------------------------------------------------------------------
 # the text decoder, fast and slow
 
@@ -231,24 +258,14 @@ class TextGenerator:
 
     def _emit(self, rows: _Rows, logits, pinned, gen, token_gens, finished, budget):
         """Tokens of one block per row: prompt ids where pinned, sampled elsewhere; cut at EOS."""
-        if gen.temperature == 0:  # greedy: no draws, one call for the whole batch
-            sampled = logits.argmax(-1)
-        else:  # each row draws from its own generator (its output depends on its seed only)
-            sampled = torch.stack([sample_tokens(row, gen.temperature, gen.top_k, gen.top_p, g)
-                                   for row, g in zip(logits, token_gens)])
+        sampled, pins = sample_block(logits, gen, token_gens).tolist(), pinned.tolist()
         new_ids = []
         for i in range(len(rows.ids)):
-            out = []
-            for j in range(self.bs):
-                if finished[i] or len(rows.generated[i]) + len(out) >= budget:
-                    break
-                if pinned[i, j]:
-                    continue
-                tok = int(sampled[i, j])
-                if tok == self.tok.eos_token_id:
-                    finished[i] = True
-                    break
-                out.append(tok)
+            out: list[int] = []
+            if not finished[i]:
+                room = budget - len(rows.generated[i])
+                out, eos = take_tokens(sampled[i], pins[i], room, self.tok.eos_token_id)
+                finished[i] = finished[i] or eos
             rows.generated[i].extend(out)
             if len(rows.generated[i]) >= budget:
                 finished[i] = True
