@@ -27,7 +27,7 @@ def test_every_figure_is_reported_in_range(tiny_unified, heldout):
     gen = GenerationConfig(max_new_tokens=16, steps=2, guidance=2.0)
     report = evaluate_shapes(tiny_unified, heldout, n=4, batch=3, text_gen=gen,
                              image_gen=ImageGenerationConfig(steps=2), rerank=2, questions=2,
-                             progress=False)
+                             completions=3, progress=False)
     assert report["scenes"] == 4 and len(report["examples"]) == 4
     for prefix in ("caption", "caption_rerank2", "image"):
         for key in ("exact", "count", "shape", "color", "position"):
@@ -37,6 +37,23 @@ def test_every_figure_is_reported_in_range(tiny_unified, heldout):
     assert kinds <= {"qa_how_many", "qa_what_color", "qa_what_shape", "qa_how_big",
                      "qa_where_is"} and "qa_how_many" in kinds
     assert 0.0 <= report["qa_all"] <= 1.0 and report["qa_questions"] >= 2 * 3  # >= 3 a scene
+    assert report["completion_prompts"] == 3 and 0.0 <= report["completion_valid"] <= 1.0
+    assert len(report["completion_examples"]) == 2
+
+
+def test_caption_completion_prompts_and_scoring():
+    from tasks.shapes.benchmark import completion_prompt, completion_text
+    from tasks.shapes.world import parse_caption
+
+    two = "two objects: a small red circle at the top left and a large blue cross at the center"
+    assert completion_prompt(two) == "two objects: a small red"
+    assert completion_prompt("a large green square at the right") == "a large green"
+    assert completion_text(" circle at the top left and a large blue cross at the center. a") == \
+        " circle at the top left and a large blue cross at the center"
+    p = completion_prompt(two)
+    assert parse_caption(p + completion_text(two[len(p):] + ".\nmore")) is not None
+    assert parse_caption(p + " circle at the top left") is None  # "two objects" with one
+    assert parse_caption(p + " circle at the moon and a large blue cross at the center") is None
 
 
 def test_answers_and_question_kinds():

@@ -8,6 +8,11 @@ exactly on held-out scenes (tasks/shapes/evaluate.py).
 - questions: every question `tasks.shapes.world.questions` asks of the first `questions` scenes,
   answered by image_to_text, right when the answer is exactly the expected words (per kind:
   how_many, what_color, what_shape, how_big, where_is);
+- caption completion (text-to-text, no image): each of the first `completions` scenes' caption
+  cut after its first colour word ("two objects: a small red") is continued by the text prior
+  alone, right when prompt + continuation is a whole valid caption (`parse_caption`): the
+  prompt's count, size and colour are kept and the rest completed (issue 14: prompt following
+  in the register the model knows);
 every figure also split into scenes with a held-out attribute combination (never seen in
 training: composition) and scenes of seen combinations.
 """
@@ -31,9 +36,9 @@ from tasks.shapes.evaluate import (
     score_caption,
     score_image,
 )
-from tasks.shapes.world import Scene, caption, questions
+from tasks.shapes.world import COLORS, Scene, caption, parse_caption, questions
 from unified.data.streams import image_text_samples
-from unified.generate import GenerationConfig, ImageGenerationConfig
+from unified.generate import GenerationConfig, ImageGenerationConfig, TextGenerator
 from unified.model import ColaModel
 from vaes.image_vae import psnr
 
@@ -91,15 +96,48 @@ def evaluate_questions(model: ColaModel, images: torch.Tensor, scenes: list[Scen
     return report
 
 
+def completion_prompt(text: str) -> str:
+    """A caption cut after its first colour word: "two objects: a small red circle at ..." ->
+    "two objects: a small red"."""
+    words = text.split()
+    cut = next(i for i, w in enumerate(words) if w in COLORS)
+    return " ".join(words[:cut + 1])
+
+
+def completion_text(continuation: str) -> str:
+    """A continuation up to its first period or newline (the end of one caption)."""
+    return continuation.split("\n")[0].split(".")[0]
+
+
+@torch.no_grad()
+def evaluate_completions(model: ColaModel, scenes: list[Scene], gen: GenerationConfig,
+                         batch: int = 50) -> dict:
+    """Share of caption prefixes (`completion_prompt`) the text prior alone completes into a
+    valid caption (`completion_valid`), with `completion_prompts` and two examples."""
+    engine, ok, examples = TextGenerator(model), [], []
+    prompts = [completion_prompt(caption(s)) for s in scenes]
+    for k in range(0, len(prompts), batch):
+        part = prompts[k:k + batch]
+        outs = engine.generate(part, gen, seeds=item_seeds(gen.seed, k, len(part)))
+        for p, o in zip(part, outs):
+            full = p + completion_text(o)
+            ok.append(parse_caption(full, model.image_size) is not None)
+            if len(examples) < 2:
+                examples.append((p, o))
+    return {"completion_valid": sum(ok) / max(1, len(ok)), "completion_prompts": len(ok),
+            "completion_examples": examples}
+
+
 @torch.no_grad()
 def evaluate_shapes(model: ColaModel, data: str | Path, n: int = 500, batch: int = 50, *,
                     text_gen: GenerationConfig | None = None,
                     image_gen: ImageGenerationConfig | None = None, rerank: int = 0,
-                    questions: int = 100, progress: bool = True) -> dict:
+                    questions: int = 100, completions: int = 0, progress: bool = True) -> dict:
     """Every figure of the shapes benchmark on the first `n` records of `data`; with
     `rerank` = K > 1 also the captions chosen among K samples by the text-to-image scorer
     (`caption_rerank_*`), beside the plain first samples (`caption_*`); the questions of the
-    first `questions` scenes (0: none)."""
+    first `questions` scenes (0: none); the text-only caption completions of the first
+    `completions` scenes (0: none)."""
     text_gen = text_gen or GenerationConfig(max_new_tokens=image_to_text.MAX_NEW_TOKENS)
     image_gen = image_gen or ImageGenerationConfig()
     images, scenes, heldout = load_scenes(data, n, model.image_size)
@@ -149,5 +187,9 @@ def evaluate_shapes(model: ColaModel, data: str | Path, n: int = 500, batch: int
         k = min(questions, len(scenes))
         answer_gen = dataclasses.replace(text_gen, max_new_tokens=16)  # one block
         report.update(evaluate_questions(model, images[:k], scenes[:k], answer_gen, batch))
+    if completions > 0:
+        report.update(evaluate_completions(model, scenes[:completions],
+                                           dataclasses.replace(text_gen, max_new_tokens=32),
+                                           batch))
     report["examples"] = examples
     return report

@@ -257,12 +257,15 @@ def cmd_eval(args) -> None:
                                       steps=args.steps,
                                       guidance=args.text_guidance),
             image_gen=ImageGenerationConfig(steps=args.image_steps, guidance=args.image_guidance),
-            rerank=args.rerank, questions=args.questions))
+            rerank=args.rerank, questions=args.questions, completions=args.completions))
     examples = report.pop("examples", [])
+    completions = report.pop("completion_examples", [])
     for key, val in report.items():
         print(f"{key:>32}: {val:.4f}" if isinstance(val, float) else f"{key:>32}: {val}")
     for got, want in examples:
         print(f"  caption: {got!r}\n     true: {want!r}")
+    for prompt, got in completions:
+        print(f"  completion (text only): {prompt!r} -> {got!r}")
 
 
 def cmd_latent_stats(args) -> None:
@@ -380,6 +383,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "text-to-image scorer (0 = plain sampling only)")
     s.add_argument("--questions", type=int, default=100, metavar="N",
                    help="shapes: also answer every question about the first N scenes (0: none)")
+    s.add_argument("--completions", type=int, default=100, metavar="N",
+                   help="shapes: also complete the first N captions, cut after their first "
+                        "colour word, with the text prior alone (text-to-text; 0: none)")
     s.add_argument("--text-guidance", type=float, default=GenerationConfig.guidance)
     s.add_argument("--image-guidance", type=float, default=ImageGenerationConfig.guidance)
     from unified.apps import diagnostics_report, textworld
