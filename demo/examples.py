@@ -17,7 +17,11 @@ from typing import Any
 EXAMPLES_DIR = Path(__file__).resolve().parent / "examples"
 INDEX = "examples.json"
 
-TEXT_PROMPTS = ["The function returns", "Return the number of", "This module provides"]
+# Text -> text: caption prefixes first, where following the prompt is visible (the prior
+# completes the count, size and colour it is given: `cola eval shapes` "completion_valid"),
+# then prose in the default corpus' register, which the small model continues with fragments
+TEXT_PROMPTS = ["a large blue", "two objects: a small red", "The function returns",
+                "Return the number of", "This module provides"]
 
 # (file stem, objects as (shape, color, size, position), question, caption prefix). The
 # questions are kinds the bundled model answers (counts, where, how big); it has not learned
