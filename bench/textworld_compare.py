@@ -24,7 +24,7 @@ from pathlib import Path
 
 from tasks.textworld.generator import TASKS
 
-LINE = re.compile(r"^\s*(exact_\w+|n_\w+): (\S+)$")
+LINE = re.compile(r"^\s*(exact_\w+|partial_\w+|n_\w+): (\S+)$")
 
 
 def cola(*args: str) -> list[str]:
@@ -109,9 +109,11 @@ def main() -> None:
             rows.append((total, name, evaluate(ckpt, args.data, args.n, args.steps,
                                                args.text_guidance)))
     head = "| budget (TFLOP) | model | " + " | ".join(TASKS) + " | all |"
-    lines = [head, "|" + "---|" * (len(TASKS) + 3)]
+    lines = ["exact match % (partial credit %: tasks/textworld/scorer.py `partial`)", "",
+             head, "|" + "---|" * (len(TASKS) + 3)]
     for total, name, r in rows:
-        cells = [f"{100 * r.get(f'exact_{t}', float('nan')):.1f}" for t in (*TASKS, "all")]
+        cells = [f"{100 * r.get(f'exact_{t}', float('nan')):.1f} "
+                 f"({100 * r.get(f'partial_{t}', float('nan')):.0f})" for t in (*TASKS, "all")]
         lines.append(f"| {total / 1e12:.0f} | {name} | " + " | ".join(cells) + " |")
     table = "\n".join(lines)
     (args.out / "table.md").write_text(table + "\n")

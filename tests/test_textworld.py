@@ -15,7 +15,7 @@ from tasks.textworld.evaluate import (
     load_problems,
     problems_for_eval,
 )
-from tasks.textworld.scorer import UnsolvablePrompt, extract_answer, score, solve
+from tasks.textworld.scorer import UnsolvablePrompt, extract_answer, partial, score, solve
 from unified.apps.cli import main
 from unified.data.shards import write_shards
 from unified.data.streams import text_samples
@@ -87,6 +87,21 @@ def test_scorer_right_answer_is_one_and_any_one_character_change_is_zero(problem
         solve("latin", "fill the latin square: " + " / ".join(["_ _ _ _"] * 4) + ". answer:")
     with pytest.raises(ValueError, match="unknown text-world task"):
         solve("chess", "e4")
+
+
+def test_partial_credit_counts_items_in_place(problems):
+    from tasks.textworld.scorer import items
+
+    for p in problems[:40]:  # a right answer: full credit, as the exact score
+        assert partial(p.task, p.prompt, f" {p.answer}. more") == 1.0
+        assert partial(p.task, p.prompt, "") == 0.0
+    assert items("947") == ["9", "4", "7"] and items("7 9 15") == ["7", "9", "15"]
+    add = "what is 797 + 1113? answer:"  # 1910
+    assert partial("addition", add, " 1913") == pytest.approx(3 / 4)
+    assert partial("addition", add, " 19100") == pytest.approx(4 / 5)  # an extra digit
+    srt = "sort 24 54 79 83 37 11 77. answer:"  # 11 24 37 54 77 79 83
+    assert partial("sorting", srt, " 11 24 37 54 77 83 79") == pytest.approx(5 / 7)
+    assert partial("sorting", srt, " 11 24 37") == pytest.approx(3 / 7)  # missing items
 
 
 def test_evaluation_seeds_never_overlap_training_seeds(tmp_path):
@@ -188,6 +203,9 @@ def test_evaluation_scores_what_the_model_generates(tiny_unified, tiny_ar, unifi
         assert report["exact_addition"] == sum(score(p.task, p.prompt, g)
                                                for p, g in zip(probs, got)) / len(probs)
         assert report["exact_all"] == report["exact_addition"]
+        assert report["partial_addition"] == pytest.approx(sum(
+            partial(p.task, p.prompt, g) for p, g in zip(probs, got)) / len(probs))
+        assert report["exact_addition"] <= report["partial_addition"] == report["partial_all"]
         assert [e[3] for e in report["examples"]] == [p.answer for p in probs[:2]]
     ar = generate_answers(tiny_ar, [probs[0].prompt], 8, Decoding())
     assert ar == tiny_ar.generate([probs[0].prompt], 8, temperature=0.0)

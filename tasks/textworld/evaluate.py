@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from tasks.textworld.generator import TASKS, Problem, heldout_problems
-from tasks.textworld.scorer import extract_answer, score
+from tasks.textworld.scorer import extract_answer, partial, score
 from unified.baselines import ARModel, MDLMModel, prompt_ids
 
 
@@ -105,10 +105,13 @@ def check_fits(model, problems: list[Problem], max_new_tokens: int) -> None:
 
 def evaluate_textworld(model, problems: list[Problem], dec: Decoding | None = None,
                        n_examples: int = 2) -> dict:
-    """Exact match per task (`exact_<task>`, `n_<task>`), over all (`exact_all`), and a few
-    (task, prompt, continuation, answer) examples per task."""
+    """Exact match per task (`exact_<task>`, `n_<task>`) and over all (`exact_all`); partial
+    credit (`partial_<task>`, `partial_all`: tasks.textworld.scorer.partial), which shows
+    progress before whole answers come right; and a few (task, prompt, continuation, answer)
+    examples per task."""
     dec = dec or Decoding()
     right: dict[str, list[float]] = defaultdict(list)
+    part_credit: dict[str, list[float]] = defaultdict(list)
     examples = []
     for task in TASKS:
         part = [p for p in problems if p.task == task]
@@ -119,13 +122,17 @@ def evaluate_textworld(model, problems: list[Problem], dec: Decoding | None = No
         got = generate_answers(model, [p.prompt for p in part], budget, dec)
         for p, g in zip(part, got):
             right[task].append(score(task, p.prompt, g))
+            part_credit[task].append(partial(task, p.prompt, g))
         examples += [(task, p.prompt, extract_answer(g), p.answer)
                      for p, g in zip(part[:n_examples], got)]
     report: dict = {}
     for task, v in right.items():
         report[f"exact_{task}"] = sum(v) / len(v)
+        report[f"partial_{task}"] = sum(part_credit[task]) / len(v)
         report[f"n_{task}"] = len(v)
     every = [x for v in right.values() for x in v]
     report["exact_all"] = sum(every) / max(1, len(every))
+    every = [x for v in part_credit.values() for x in v]
+    report["partial_all"] = sum(every) / max(1, len(every))
     report["examples"] = examples
     return report

@@ -79,3 +79,18 @@ def solve(task: str, prompt: str) -> str:
 def score(task: str, prompt: str, continuation: str) -> float:
     """1.0 when the continuation's answer part is exactly the right answer, else 0.0."""
     return float(extract_answer(continuation) == solve(task, prompt))
+
+
+def items(answer: str) -> list[str]:
+    """An answer's items: its whitespace-separated words when it has several (sorting, latin:
+    numbers, cells and "/"), else its characters (recall, addition: digits)."""
+    words = answer.split()
+    return words if len(words) > 1 else list(answer.strip())
+
+
+def partial(task: str, prompt: str, continuation: str) -> float:
+    """Partial credit, beside the exact score: the share of the right answer's items
+    (`items`) that the continuation's answer part has at the same place, over the longer of
+    the two (a missing or an extra item counts against). 1.0 exactly when `score` is 1."""
+    want, got = items(solve(task, prompt)), items(extract_answer(continuation))
+    return sum(a == b for a, b in zip(got, want)) / max(len(got), len(want), 1)
