@@ -24,8 +24,8 @@ TEXT_PROMPTS = ["a large blue", "two objects: a small red", "The function return
                 "Return the number of", "This module provides"]
 
 # (file stem, objects as (shape, color, size, position), question, caption prefix). The
-# questions are kinds the bundled model answers (counts, where, how big); it has not learned
-# "what color / what shape is at ..." (README, "The bundled model").
+# questions are kinds the bundled model answers best (counts, where, how big); "what color /
+# what shape is at ..." are right about 60% of the time (README, "The bundled model").
 _IMAGE_EXAMPLES: list[tuple[str, list[tuple[str, str, str, str]], str, str]] = [
     ("red-circle", [("circle", "red", "large", "top left")], "", ""),
     ("square-and-cross", [("square", "blue", "small", "center"),
