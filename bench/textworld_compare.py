@@ -4,7 +4,7 @@ match per task.
 
     cola make-shards textworld --output data/textworld --n-train 20000 --n-heldout 500
     python -m bench.textworld_compare --data data/textworld --out runs/twc \
-        --budget 100 150 --budget 300 450 -n 200
+        --budget 100 150 --budget 400 600 -n 200
 
 A budget is Cola's recipe, stage-1 steps then stage-2 steps (text-default: Text VAE 2+2 x 256,
 DiT 6 x 256, 10.7M parameters); the AR and the MDLM (ar-default / mdlm-default, 10.8M) get the
@@ -51,7 +51,8 @@ def train(out: Path, preset: str, stage: int, steps: int, init: Path | None, dat
 
 
 def evaluate(ckpt: Path, data: Path, n: int, steps: int, guidance: float) -> dict[str, float]:
-    log = ckpt.parent / "textworld-eval.txt"
+    # one log per decoding setting: a cached result is only reused for the same n, steps, CFG
+    log = ckpt.parent / f"textworld-eval-n{n}-s{steps}-g{guidance:g}.txt"
     if not log.exists():
         cmd = cola("eval", "textworld", "--checkpoint", str(ckpt), "-n", str(n),
                    "--textworld-data", str(data / "heldout"), "--steps", str(steps),
