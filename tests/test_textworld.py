@@ -211,6 +211,19 @@ def test_evaluation_scores_what_the_model_generates(tiny_unified, tiny_ar, unifi
     assert ar == tiny_ar.generate([probs[0].prompt], 8, temperature=0.0)
 
 
+def test_cola_greedy_flow_decoding_does_not_depend_on_the_seed(tiny_unified):
+    # noise_scale 0: every block's flow starts at the noise's mean, so the seed has no say;
+    # at noise_scale 1 the seed does (the flow is sampled)
+    prompts = [p.prompt for p in G.heldout_problems(8) if p.task == "addition"]
+
+    def answers(seed: int, noise_scale: float) -> list[str]:
+        dec = Decoding(steps=2, batch=4, seed=seed, noise_scale=noise_scale)
+        return generate_answers(tiny_unified, prompts, 8, dec)
+
+    assert answers(0, 0.0) == answers(1, 0.0)
+    assert answers(0, 1.0) != answers(1, 1.0)
+
+
 def test_cli_eval_textworld(tiny_unified_checkpoint, tiny_ar, tmp_path, capsys):
     # the tiny model's context (64 tokens) is too short for recall prompts: one clear line
     code = main(["eval", "textworld", "--checkpoint", str(tiny_unified_checkpoint), "-n", "4",

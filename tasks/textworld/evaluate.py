@@ -23,11 +23,14 @@ from unified.baselines import ARModel, MDLMModel, prompt_ids
 
 @dataclass(frozen=True)
 class Decoding:
-    """How answers are generated: Cola's ODE steps per block and CFG scale, the MDLM's
-    denoising passes per block and block size, the noise seed, the batch size."""
+    """How answers are generated: Cola's ODE steps per block, CFG scale and starting noise std
+    (`noise_scale`: 1 samples the flow, 0 follows it from the noise's mean, the flow's greedy
+    decoding), the MDLM's denoising passes per block and block size, the noise seed, the batch
+    size."""
 
     steps: int = 8
     guidance: float = 2.0
+    noise_scale: float = 1.0
     mdlm_steps: int = 8
     mdlm_block: int = 16
     seed: int = 0
@@ -86,7 +89,8 @@ def generate_answers(model, prompts: list[str], max_new_tokens: int, dec: Decodi
             from unified.generate import GenerationConfig, TextGenerator
 
             gen = GenerationConfig(max_new_tokens=max_new_tokens, steps=dec.steps,
-                                   guidance=dec.guidance, temperature=0.0, seed=dec.seed)
+                                   guidance=dec.guidance, temperature=0.0, seed=dec.seed,
+                                   noise_scale=dec.noise_scale)
             out.extend(TextGenerator(model).generate(part, gen))
     return out
 

@@ -255,7 +255,8 @@ def cmd_eval(args) -> None:
             text_gen=GenerationConfig(max_new_tokens=min(image_to_text.MAX_NEW_TOKENS,
                                                      model.vae.config.max_len - 1),
                                       steps=args.steps,
-                                      guidance=args.text_guidance),
+                                      guidance=args.text_guidance,
+                                      noise_scale=args.noise_scale),
             image_gen=ImageGenerationConfig(steps=args.image_steps, guidance=args.image_guidance),
             rerank=args.rerank, questions=args.questions, completions=args.completions))
     examples = report.pop("examples", [])
@@ -387,6 +388,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="shapes: also complete the first N captions, cut after their first "
                         "colour word, with the text prior alone (text-to-text; 0: none)")
     s.add_argument("--text-guidance", type=float, default=GenerationConfig.guidance)
+    s.add_argument("--noise-scale", type=float, default=GenerationConfig.noise_scale,
+                   help="std of each text block's starting noise (shapes captions and answers, "
+                        "textworld): 1 samples the flow, 0 follows it from the noise's mean")
     s.add_argument("--image-guidance", type=float, default=ImageGenerationConfig.guidance)
     from unified.apps import diagnostics_report, textworld
 

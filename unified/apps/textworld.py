@@ -10,7 +10,7 @@ import argparse
 
 
 def add_arguments(s: argparse.ArgumentParser) -> None:
-    """Options of `cola eval textworld` (it also uses -n, --steps and --text-guidance)."""
+    """Options of `cola eval textworld` (it also uses -n, --steps, --text-guidance and --noise-scale)."""
     g = s.add_argument_group("textworld")
     g.add_argument("--textworld-data", default="data/textworld/heldout",
                    help="held-out text-world shards (cola make-shards textworld); when absent "
@@ -43,7 +43,7 @@ def run(args) -> dict:
     if skips.total:
         source += f" ({skips.total} bad records skipped: {dict(skips.counts)})"
     dec = Decoding(steps=args.steps, guidance=args.text_guidance, mdlm_steps=args.mdlm_steps,
-                   batch=args.batch)
+                   batch=args.batch, noise_scale=args.noise_scale)
     kind = getattr(model, "kind", "cola")
     print(f"{len(problems)} problems from {source}; {kind} model {args.checkpoint}")
     report = evaluate_textworld(model, problems, dec)
