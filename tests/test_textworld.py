@@ -10,6 +10,7 @@ import torch
 from tasks.textworld import generator as G
 from tasks.textworld.evaluate import (
     Decoding,
+    copy_geometry,
     evaluate_textworld,
     generate_answers,
     load_problems,
@@ -237,3 +238,28 @@ def test_cli_eval_textworld(tiny_unified_checkpoint, tiny_ar, tmp_path, capsys):
     for task in G.TASKS:
         assert f"exact_{task}:" in out and f"n_{task}: 2" in out
     assert "ar model" in out
+
+
+def test_copy_geometry_measures_where_answer_latents_lie(tiny_unified, monkeypatch):
+    probs = [p for p in G.heldout_problems(12) if p.task == "sorting"]
+    real = copy_geometry(tiny_unified, probs)  # the tiny model's own latents: well formed
+    assert real["copy_tokens"] > 0 and 0.0 <= real["copy_same_token"] <= 1.0
+    assert 0.0 <= real["copy_dist_same"] and 0.0 < real["copy_dist_other"]
+    assert real["copy_tokens"] == sum(  # every answer token that its prompt holds is counted
+        1 for p in probs for t in tiny_unified.tokenizer.encode(" " + p.answer,
+                                                               add_special_tokens=False)
+        if t in tiny_unified.tokenizer.encode(p.prompt, add_special_tokens=False))
+
+    # a context-free code (a token's latent is its id's row of a table): copying is exact
+    table = torch.randn(tiny_unified.tokenizer.vocab_size + 8, 4)
+    monkeypatch.setattr(tiny_unified, "encode_texts",
+                        lambda ids: table[torch.tensor(ids)])
+    exact = copy_geometry(tiny_unified, probs)
+    assert exact["copy_same_token"] == 1.0 and exact["copy_dist_same"] == 0.0
+    assert exact["copy_tokens"] == real["copy_tokens"]
+    # a code that ignores the token (one latent per position): nothing to copy
+    gen = torch.Generator().manual_seed(0)
+    monkeypatch.setattr(tiny_unified, "encode_texts",
+                        lambda ids: torch.randn(1, len(ids[0]), 4, generator=gen))
+    blind = copy_geometry(tiny_unified, probs)
+    assert blind["copy_same_token"] < 0.5 and blind["copy_dist_same"] > 0.0

@@ -140,3 +140,39 @@ def evaluate_textworld(model, problems: list[Problem], dec: Decoding | None = No
     report["partial_all"] = sum(every) / max(1, len(every))
     report["examples"] = examples
     return report
+
+
+@torch.no_grad()
+def copy_geometry(model, problems: list[Problem]) -> dict[str, float]:
+    """Can a Cola model's latents be copied? For every answer token that also occurs in its
+    own prompt (sorting's numbers, latin's cells, recall's value), compare the answer token's
+    latent (the Text VAE's normalized posterior mean of the whole document) with the prompt's
+    latents of the same problem:
+
+    - `copy_same_token`: share of those answer latents whose nearest prompt latent encodes the
+      same token (1 = copying a prompt latent decodes to the right token);
+    - `copy_dist_same`: mean distance to the nearest prompt latent of the same token;
+    - `copy_dist_other`: mean distance to the nearest prompt latent of any other token;
+    - `copy_tokens`: how many answer tokens were measured.
+
+    When the answer's latents sit next to the prompt's (same << other), the Text VAE is not
+    what stops the prior from copying a value out of its prompt."""
+    same_nn, d_same, d_other = [], [], []
+    for p in problems:
+        pid = prompt_ids(model.tokenizer, p.prompt)
+        aid = model.tokenizer.encode(" " + p.answer, add_special_tokens=False)
+        z = model.encode_texts([pid + aid])[0].float()  # [len(pid) + len(aid), d]
+        zp, za = z[:len(pid)], z[len(pid):len(pid) + len(aid)]
+        tp = torch.tensor(pid)
+        for j, tok in enumerate(aid):
+            hit = tp == tok
+            if not hit.any() or hit.all():
+                continue
+            dist = (zp - za[j]).norm(dim=-1)  # [len(pid)]
+            same_nn.append(float(bool(hit[dist.argmin()])))
+            d_same.append(float(dist[hit].min()))
+            d_other.append(float(dist[~hit].min()))
+    n = len(same_nn)
+    mean = lambda v: sum(v) / n if n else float("nan")  # noqa: E731
+    return {"copy_same_token": mean(same_nn), "copy_dist_same": mean(d_same),
+            "copy_dist_other": mean(d_other), "copy_tokens": n}

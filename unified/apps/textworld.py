@@ -30,7 +30,12 @@ def make_shards(args) -> None:
 
 def run(args) -> dict:
     """Score a Cola or baseline checkpoint on held-out text-world problems; print per task."""
-    from tasks.textworld.evaluate import Decoding, evaluate_textworld, problems_for_eval
+    from tasks.textworld.evaluate import (
+        Decoding,
+        copy_geometry,
+        evaluate_textworld,
+        problems_for_eval,
+    )
     from unified.baselines import load_model
     from unified.data.streams import SkipCounter
     from unified.model import default_device
@@ -48,6 +53,8 @@ def run(args) -> dict:
     print(f"{len(problems)} problems from {source}; {kind} model {args.checkpoint}")
     report = evaluate_textworld(model, problems, dec)
     examples = report.pop("examples")
+    if kind == "cola":  # where the prompt's values lie among the answer's latents
+        report.update(copy_geometry(model, problems))
     for key, val in report.items():
         print(f"{key:>20}: {val:.4f}" if isinstance(val, float) else f"{key:>20}: {val}")
     for task, prompt, got, want in examples:
