@@ -81,6 +81,11 @@ class LossConfig:
     lambda_fm: float = 1.0  # stage 2: flow-matching weight
     lambda_ref: float = 0.1  # stage 2: KL(q_phi || q_phi_ref) to the frozen stage-1 encoder
     sample_posterior: bool = True  # z ~ q(z|x); False uses the mean (deterministic ablation)
+    # stage 2, text-to-text: weight of the token cross-entropy of the prior's clean estimate
+    # z0_hat = z_t - t v of every noisy text latent, read by the Text VAE decoder with its
+    # weights detached (Diffusion-LM's rounding loss, Li et al. 2022): a discrete signal for
+    # which token the flow should land on. 0 = off (the paper's objective)
+    lambda_x0_ce: float = 0.0
     image_kl_weight: float = 1e-3  # stage 1: KL weight of the image VAE (per-pixel normalized)
     # stage 2: weight of each task's flow loss in L_FM (tasks not named weigh 1)
     task_weights: dict[str, float] = field(default_factory=dict)

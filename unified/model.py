@@ -266,7 +266,7 @@ class ColaModel(nn.Module):
         if stage == 1:
             return names + (["image", "image_l1", "image_mse", "image_kl"] if image_trainable
                             and tasks else [])
-        return names + ["ref_kl"] + (["fm_text_to_text"] if prose else []) + \
+        return names + ["ref_kl"] + (["fm_text_to_text", "x0_ce"] if prose else []) + \
             [f"fm_{t}" for t in tasks]
 
     @staticmethod
@@ -287,7 +287,8 @@ class ColaModel(nn.Module):
         fm = sum((weights[k] * v for k, v in fms.items()), zero) / max(sum(weights.values()),
                                                                       1e-8)
         logs["fm"] = fm.detach()
-        return w.lambda_vae * loss + w.lambda_fm * fm + w.lambda_ref * get("ref_kl"), logs
+        return (w.lambda_vae * loss + w.lambda_fm * fm + w.lambda_ref * get("ref_kl")
+                + w.lambda_x0_ce * get("x0_ce"), logs)
 
     @staticmethod
     def _text_rows(batch: dict) -> dict | None:
@@ -344,7 +345,11 @@ class ColaModel(nn.Module):
                 gen = torch.Generator(z0.device).manual_seed(int(rng["step"]))
             lay = text_to_text_layout(z0[:n_prose], lat_s[:n_prose], lat_p[:n_prose],
                                       self.layout_cfg, gen, rows=rng.get("rows"))
-            terms["fm_text_to_text"] = self._flow_loss(lay)
+            v = self._velocity(lay)
+            terms["fm_text_to_text"] = self._velocity_error(lay, v)
+            if w.lambda_x0_ce > 0:
+                terms["x0_ce"] = self._x0_ce(lay, v, ids[:n_prose], lat_s[:n_prose],
+                                             lat_p[:n_prose])
         if batch.get("pairs"):
             after = terms["fm_text_to_text"][0] if n_prose else None
             terms.update({f"fm_{k}": v for k, v in self._pair_flow_losses(
@@ -353,12 +358,38 @@ class ColaModel(nn.Module):
 
     def _flow_loss(self, lay, per_row: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """(sum, count) of the velocity MSE over a layout's loss tokens (per row: [B] each)."""
-        z, target = self.prior_in(lay.z), self.prior_in(lay.target)
-        v = self.prior(z, lay.t, lay.modality, lay.positions, lay.attention_mask())
+        return self._velocity_error(lay, self._velocity(lay), per_row)
+
+    def _velocity(self, lay) -> torch.Tensor:
+        """The prior's velocity [B, N, prior width] on a layout."""
+        return self.prior(self.prior_in(lay.z), lay.t, lay.modality, lay.positions,
+                          lay.attention_mask())
+
+    def _velocity_error(self, lay, v: torch.Tensor, per_row: bool = False
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+        target = self.prior_in(lay.target)
         err = (v.float() - target.float()).pow(2).mean(-1) * lay.loss_mask  # [B, N]
         if per_row:
             return err.sum(1), lay.loss_mask.sum(1).float()
         return err.sum(), lay.loss_mask.sum().float()
+
+    def _x0_ce(self, lay, v: torch.Tensor, ids: torch.Tensor, lat_sample_ids: torch.Tensor,
+               lat_positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sum, count) of the token CE of the prior's clean estimate (LossConfig.lambda_x0_ce)
+        on a text-to-text 2L layout [clean z0 | noisy z_t] of token rows `ids` [B, L * p]
+        (latent-level sample ids and positions [B, L]):
+        z0_hat = z_t - t v at the loss latents, the clean z0 elsewhere (history, pinned prompt),
+        decoded causally by the Text VAE decoder with its weights detached."""
+        n, d, p = lay.z.shape[1] // 2, lay.z.shape[-1], self.vae.config.patch_size
+        z0, z_t, t = lay.z[:, :n], lay.z[:, n:], lay.t[:, n:, None]  # [B, n, d], [B, n, 1]
+        loss = lay.loss_mask[:, n:]  # [B, n]
+        z0_hat = z_t.float() - t.float() * v[:, n:, :d].float()  # the flow's x0 (DESIGN §3)
+        z_mix = torch.where(loss[..., None], z0_hat, z0.float())  # [B, n, d]
+        logits, _ = self.vae.decode(self.vae.denormalize(z_mix), lat_sample_ids, lat_positions,
+                                    frozen=True)  # [B, n * p, V]
+        tok_loss = loss.repeat_interleave(p, 1)  # [B, n * p]
+        ce = F.cross_entropy(logits.float().flatten(0, 1), ids.flatten(), reduction="none")
+        return (ce * tok_loss.flatten()).sum(), tok_loss.sum().float()
 
     def _pair_flow_losses(self, pairs: dict, z_pieces: torch.Tensor, w: LossConfig,
                           generator, after: torch.Tensor | None = None

@@ -72,6 +72,16 @@ class CausalBlock(nn.Module):
         return x, (k, v)
 
 
+def _call(module: nn.Module, *args):
+    return module(*args)
+
+
+def _detached(module: nn.Module, *args):
+    """module(*args) with its parameters detached: gradients reach the inputs only."""
+    return torch.func.functional_call(
+        module, {k: v.detach() for k, v in module.named_parameters()}, args)
+
+
 class TextVAE(ModelMixin, ConfigMixin):
     config_name = "config.json"
 
@@ -186,14 +196,16 @@ class TextVAE(ModelMixin, ConfigMixin):
         return mean, logvar.clamp(cfg.logvar_min, cfg.logvar_max)
 
     def decode(self, z, lat_sample_ids, lat_positions, past: Past | None = None,
-               past_sample_ids=None, past_positions=None):
+               past_sample_ids=None, past_positions=None, frozen: bool = False):
         """p_theta(x | z0): token logits [B, L, V] for latents z [B, L / p, d] (raw VAE space).
 
         With `past` (from an earlier call), the new latents also attend to those cached ones;
-        returns (logits, new_past) where new_past covers past + these latents.
+        returns (logits, new_past) where new_past covers past + these latents. `frozen`: the
+        decoder's weights are detached, so a loss on the logits reaches z only.
         """
         cfg = self.config
-        h = self.from_latent(z.to(self.from_latent.weight.dtype))  # (a bf16 copy takes fp32 z)
+        run = _detached if frozen else _call
+        h = run(self.from_latent, z.to(self.from_latent.weight.dtype))  # (bf16 copy, fp32 z)
         h = h + sinusoidal_positions(lat_positions, cfg.width).to(h.dtype)  # [B, Lz, W]
         k_sample, k_pos = lat_sample_ids, lat_positions
         if past is not None:
@@ -202,9 +214,9 @@ class TextVAE(ModelMixin, ConfigMixin):
         mask = causal_mask(lat_sample_ids, lat_positions, k_sample, k_pos)  # [B, Lz, Lp + Lz]
         new_past = []
         for i, blk in enumerate(self.decoder):
-            h, kv = blk(h, mask, None if past is None else past[i])  # [B, Lz, W]
+            h, kv = run(blk, h, mask, None if past is None else past[i])  # [B, Lz, W]
             new_past.append(kv)
-        logits = self.head(self.dec_norm(h))  # [B, Lz, p * V]
+        logits = run(self.head, run(self.dec_norm, h))  # [B, Lz, p * V]
         return logits.reshape(h.shape[0], -1, cfg.vocab_size), new_past  # [B, L, V]
 
     # ----------------------------------------------------------------- stage-1 loss
