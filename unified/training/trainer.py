@@ -143,6 +143,10 @@ class Trainer:
         if self.tcfg.parallel not in ("ddp", "fsdp"):
             raise ValueError(f"parallel must be 'ddp' or 'fsdp', got {self.tcfg.parallel!r}")
         self.fsdp = self.dist.enabled and self.tcfg.parallel == "fsdp"
+        if self.fsdp and self.stage == 2 and self.cfg.loss.lambda_x0_ce > 0:
+            raise ValueError("loss.lambda_x0_ce (a call of the Text VAE decoder with its weights "
+                             "detached) is not supported with a sharded (fsdp) model: set it to "
+                             "0 or parallel='ddp'")
         if self.fsdp and self.stage == 2 and self.tcfg.ema_decay > 0:
             raise ValueError("EMA of a sharded (fsdp) prior is not supported: set ema_decay=0 "
                              "or parallel='ddp'")
