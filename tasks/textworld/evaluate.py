@@ -163,7 +163,7 @@ def copy_geometry(model, problems: list[Problem]) -> dict[str, float]:
         aid = model.tokenizer.encode(" " + p.answer, add_special_tokens=False)
         z = model.encode_texts([pid + aid])[0].float()  # [len(pid) + len(aid), d]
         zp, za = z[:len(pid)], z[len(pid):len(pid) + len(aid)]
-        tp = torch.tensor(pid)
+        tp = torch.tensor(pid, device=z.device)
         for j, tok in enumerate(aid):
             hit = tp == tok
             if not hit.any() or hit.all():
