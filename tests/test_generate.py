@@ -125,6 +125,38 @@ def test_stops_at_eos_and_respects_budget(model):
     assert sum(len(o.new_ids[0]) for o in out) == 6 and out[-1].finished == [True]
 
 
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_ignore_eos_gives_exactly_the_budget(model, temperature):
+    """ignore_eos (fixed-length benchmarks, bench/genppl.py): where every token would be EOS,
+    the budget is still filled, with the next most likely tokens, in the cached engine, the
+    reference and the continuous batch alike."""
+    from unified.continuous import TextBatch
+
+    gen = GenerationConfig(max_new_tokens=10, temperature=temperature, ignore_eos=True, seed=2)
+    with torch.no_grad():
+        old = model.vae.head.bias[model.tokenizer.eos_token_id].item()
+        model.vae.head.bias[model.tokenizer.eos_token_id] = 50.0  # EOS everywhere
+    try:
+        rows = {}
+        for cache in (True, False):
+            out = list(TextGenerator(model).stream(PROMPTS, gen, use_cache=cache))
+            rows[cache] = [sum((o.new_ids[r] for o in out), []) for r in range(len(PROMPTS))]
+            assert all(len(r) == 10 for r in rows[cache]) and all(out[-1].finished)
+            assert not any(model.tokenizer.eos_token_id in r for r in rows[cache])
+        assert rows[True] == rows[False]
+        batch = TextBatch(model, gen)
+        slot = batch.add(PROMPTS[0], 2, 10)
+        while batch.step():
+            pass
+        assert slot.generated == rows[True][0]
+        stopped = list(TextGenerator(model).stream(
+            PROMPTS, dataclasses.replace(gen, ignore_eos=False)))
+        assert all(r == [] for r in stopped[0].new_ids)  # without it, EOS ends every row
+    finally:
+        with torch.no_grad():
+            model.vae.head.bias[model.tokenizer.eos_token_id] = old
+
+
 @pytest.mark.parametrize("prompt,match", [("", "empty"), ("   ", "empty"),
                                           ("word " * 200, "too long")])
 def test_bad_prompts_raise_clear_errors(model, prompt, match):

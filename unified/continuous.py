@@ -188,8 +188,10 @@ class TextBatch:
 
     def _emit(self, logits, pinned) -> list[tuple[Slot, list[int]]]:
         """As TextGenerator._emit, per row with its own budget and token generator."""
-        sampled = sample_block(logits, self.gen, [s.token_gen for s in self.slots]).tolist()
-        pins, eos = pinned.tolist(), self.model.tokenizer.eos_token_id
+        eos = self.model.tokenizer.eos_token_id
+        gens = [s.token_gen for s in self.slots]
+        sampled = sample_block(logits, self.gen, gens, eos).tolist()
+        pins = pinned.tolist()
         out = []
         for i, s in enumerate(self.slots):
             new, hit = take_tokens(sampled[i], pins[i], s.budget - len(s.generated), eos)

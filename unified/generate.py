@@ -108,10 +108,13 @@ def sample_tokens(logits: torch.Tensor, temperature: float, top_k: int, top_p: f
 
 
 def sample_block(logits: torch.Tensor, gen: GenerationConfig,
-                 generators: list[torch.Generator]) -> torch.Tensor:
+                 generators: list[torch.Generator], eos: int | None = None) -> torch.Tensor:
     """Token ids [B, bs] of one block's logits [B, bs, V]: argmax at temperature 0 (no draws,
     one call for the whole batch), else each row drawn from its own generator, so a row's
-    tokens depend on its own seed only."""
+    tokens depend on its own seed only. `gen.ignore_eos` masks the `eos` logit."""
+    if gen.ignore_eos and eos is not None:
+        logits = logits.clone()
+        logits[..., eos] = float("-inf")
     if gen.temperature == 0:
         return logits.argmax(-1)
     return torch.stack([sample_tokens(row, gen.temperature, gen.top_k, gen.top_p, g)
@@ -258,7 +261,8 @@ class TextGenerator:
 
     def _emit(self, rows: _Rows, logits, pinned, gen, token_gens, finished, budget):
         """Tokens of one block per row: prompt ids where pinned, sampled elsewhere; cut at EOS."""
-        sampled, pins = sample_block(logits, gen, token_gens).tolist(), pinned.tolist()
+        sampled = sample_block(logits, gen, token_gens, self.tok.eos_token_id).tolist()
+        pins = pinned.tolist()
         new_ids = []
         for i in range(len(rows.ids)):
             out: list[int] = []

@@ -39,6 +39,9 @@ class GenerationConfig:
     top_k: int = 0
     top_p: float = 1.0
     seed: int = 0
+    # never emit EOS (the decoder's EOS logit masked): exactly max_new_tokens, as the AR's
+    # min_new_tokens does for fixed-length benchmarks (bench/genppl.py --ignore-eos)
+    ignore_eos: bool = False
 
     def __post_init__(self) -> None:
         set_ = lambda k, v: object.__setattr__(self, k, v)  # a frozen dataclass
@@ -81,7 +84,7 @@ class ImageGenerationConfig:
         return _check_sampler(self.steps, self.method, self.shift, self.guidance)
 
 
-PER_CALL = ("seed", "height", "width")  # knobs of one call, never saved with a model
+PER_CALL = ("seed", "height", "width", "ignore_eos")  # knobs of one call, never saved
 
 CAPTION_TOKENS = 48  # a caption or an answer: a shapes caption fits
 
