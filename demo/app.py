@@ -160,8 +160,8 @@ def _caption_tab(h: Handlers, ex: DemoExamples, limits: Limits, d: Defaults, bud
             knobs = _knobs("i2t", limits, d.text_steps, d.text_guidance, True,
                            (min(d.max_new_tokens, budget), budget))
             candidates = Knob(1, limits.candidates, value=d.candidates, step=1, precision=0,
-                              label="candidates", info="captions sampled; the one the model "
-                              "can best redraw the image from is kept (1 = plain sampling)",
+                              label="candidates", info="answers sampled; the one the model best "
+                              "explains is kept (1 = plain sampling)",
                               elem_id="i2t-candidates")
     inputs = [image, question, prefix, *knobs, candidates]
     run.click(h.caption, inputs, [out, stats], api_name="caption")

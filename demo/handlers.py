@@ -75,8 +75,8 @@ class Handlers:
                 steps: int, guidance: float, shift: float, temperature: float,
                 seed: int, candidates: int = 1) -> tuple[str, str]:
         """Describe the image (or answer `question` about it), continuing `prefix`; with
-        `candidates` K > 1 a caption is chosen among K samples (UnifiedPipeline.caption's
-        rerank; an answer to a question keeps its first sample)."""
+        `candidates` K > 1 the caption or answer is chosen among K samples
+        (UnifiedPipeline.caption's rerank)."""
         if image is None:
             raise user_error("no image: upload one or pick an example below")
         with _as_user_errors():

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from tasks.base import SampleContext, encode_conditions
-from unified.data.streams import TaskSample
+from unified.data.streams import TaskSample, collate_task_samples
 from unified.generate import GenerationConfig, ImageGenerator, TextGenerator
 from unified.layout import MODALITY_IMAGE, MODALITY_TEXT, ONE_BLOCK, SEG_I, SEG_N, SEG_P, SegmentSpec
 from unified.model import ColaModel
@@ -68,13 +68,46 @@ class ImageToText:
                           [record["image"]], recipe(prompt), ctx.cond_drop_prob)
 
 
+def _instruction(question: str | None) -> str:
+    return INSTRUCTION if question is None or not question.strip() else \
+        " ".join(question.lower().split())
+
+
 def _conditions(model: ColaModel, images: torch.Tensor, questions: list[str | None]):
     rows = []
     for img, q in zip(images, questions):
-        q = INSTRUCTION if q is None or not q.strip() else " ".join(q.lower().split())
-        ids = encode_piece(model.tokenizer, q, model.vae.config.max_len)
+        ids = encode_piece(model.tokenizer, _instruction(q), model.vae.config.max_len)
         rows.append(encode_conditions(model, CONDITION, [ids], [img]))
     return rows
+
+
+@torch.no_grad()
+def answer_flow_loss(model: ColaModel, images: torch.Tensor, questions: list[str | None],
+                     answers: list[str], seeds: tuple[int, ...] = (0, 1, 2, 3)) -> torch.Tensor:
+    """How well the prior explains each answer to its question about its image: the summed
+    flow-matching loss of the answer's latents, laid out exactly as in training (the sample's
+    2L layout, model.pair_layout), averaged over `seeds`. Each seed fixes a sample's times and
+    noise, and every row uses the same seeds (common random numbers), so rows that share an
+    image and a question compare their answers, not their noise. Lower is better: the prior's
+    likelihood proxy for an answer ("self-scoring"). images [B, 3, H, W] in [-1, 1]; returns
+    [B]. An answer longer than the Text VAE's context raises ValueError."""
+    tok, max_len, bs = model.tokenizer, model.vae.config.max_len, model.block_size
+    samples = [TaskSample(NAME, [encode_piece(tok, _instruction(q), max_len),
+                                 encode_piece(tok, a, max_len, pad_to=bs)], [img], recipe(1))
+               for img, q, a in zip(images, questions, answers)]
+    total = torch.zeros(len(samples))
+    for seed in seeds:
+        for smp in samples:
+            smp.seed = seed
+        pairs = collate_task_samples(samples, seq_len=max_len, pad_id=tok.pad_token_id)
+        dev = model.vae.device
+        rows = {k: v.to(dev) for k, v in pairs["pieces"].items()}
+        pairs["images"] = pairs["images"].to(dev)
+        mean, _ = model.vae.encode(rows["input_ids"], rows["sample_ids"], rows["positions"])
+        lay = model.pair_layout(pairs, model.vae.normalize(mean))
+        err, _ = model._flow_loss(lay, per_row=True)  # [B]: summed over the answer's latents
+        total += err.float().cpu()
+    return total / len(seeds)
 
 
 def stream(model: ColaModel, images: torch.Tensor, questions: list[str | None] | None = None,
@@ -104,10 +137,11 @@ def answer(model: ColaModel, images: torch.Tensor, questions: list[str | None] |
     """The answers (prefix included) for a batch of images [B, 3, H, W] in [-1, 1]; `seeds`:
     one per image (default gen.seed for every image).
 
-    `rerank` = K > 1: sample K captions per image (seeds seed .. seed + K - 1) and keep the
-    one under which the same prior best explains the image, i.e. with the lowest
-    text-to-image flow loss ("analysis by synthesis", see `rerank_captions`). Rows that ask
-    a question keep their first sample (the scorer reads captions, not answers)."""
+    `rerank` = K > 1: sample K answers per image (seeds seed .. seed + K - 1) and keep one.
+    A caption is the one under which the same prior best explains the image, i.e. with the
+    lowest text-to-image flow loss ("analysis by synthesis", see `rerank_captions`); an
+    answer to a question is the one the prior itself explains best given the image and the
+    question, i.e. with the lowest flow loss of the answer (`answer_flow_loss`)."""
     gen = gen or GenerationConfig()
     b = images.shape[0]
     if b == 0:
@@ -132,6 +166,13 @@ def answer(model: ColaModel, images: torch.Tensor, questions: list[str | None] |
             nfe += calls
             for i, caption in zip(todo, chosen):
                 best[i] = caption
+        asked = [i for i in range(b) if i not in set(todo)]
+        if asked:
+            chosen, calls = rerank_answers(model, images[asked], [asks[i] for i in asked],
+                                           [[c[i] for c in samples] for i in asked])
+            nfe += calls
+            for i, text in zip(asked, chosen):
+                best[i] = text
     return Answers(best, nfe)
 
 
@@ -142,6 +183,39 @@ def generate(model: ColaModel, images: torch.Tensor, questions: list[str | None]
     """The answer texts of `answer`."""
     return answer(model, images, questions, prefixes, gen, use_cache=use_cache,
                   rerank=rerank, seeds=seeds).texts
+
+
+@torch.no_grad()
+def rerank_answers(model: ColaModel, images: torch.Tensor, questions: list[str],
+                   candidates: list[list[str]], seeds: tuple[int, ...] = (0, 1, 2, 3)
+                   ) -> tuple[list[str], int]:
+    """For each question about its image [3, H, W], its candidate answer with the lowest
+    `answer_flow_loss` (ties and unscorable candidates: the earlier sample), and the prior
+    calls it took. One candidate per distinct text: K samples that agree are scored once."""
+    rows = []
+    for i, cands in enumerate(candidates):
+        fit = [c for c in dict.fromkeys(cands) if _fits(model, c)]
+        if len(fit) > 1:  # a choice to make
+            rows += [(i, c) for c in fit]
+    best = {i: (cands[0], float("inf")) for i, cands in enumerate(candidates)}
+    if not rows:
+        return [cands[0] for cands in candidates], 0
+    owner = [i for i, _ in rows]
+    loss = answer_flow_loss(model, images[owner], [questions[i] for i in owner],
+                            [c for _, c in rows], seeds)
+    for (i, c), v in zip(rows, loss.tolist()):
+        if v < best[i][1]:
+            best[i] = (c, v)
+    return [best[i][0] for i in range(len(candidates))], len(seeds)
+
+
+def _fits(model: ColaModel, answer: str) -> bool:
+    """Whether an answer fits the Text VAE's context as one piece padded to whole blocks."""
+    try:
+        encode_piece(model.tokenizer, answer, model.vae.config.max_len, pad_to=model.block_size)
+    except ValueError:
+        return False
+    return True
 
 
 @torch.no_grad()

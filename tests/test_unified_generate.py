@@ -135,8 +135,41 @@ def test_caption_rerank_returns_one_of_its_samples(tiny_unified):
         max_new_tokens=6, steps=2, guidance=1.0, seed=5 + k)) for k in range(3)]
     best = image_to_text.generate(tiny_unified, x, gen=gen, rerank=3)
     assert all(best[i] in {s[i] for s in samples} for i in range(2))
-    # a row with a question keeps its first sample
-    asked = image_to_text.generate(tiny_unified, x, ["how many objects are there?", None],
-                                   gen=gen, rerank=3)
-    assert asked[0] == image_to_text.generate(tiny_unified, x, ["how many objects are there?",
-                                                                None], gen=gen)[0]
+    # a row with a question gets one of its own samples too, chosen by answer_flow_loss
+    q = ["how many objects are there?", None]
+    asked = image_to_text.generate(tiny_unified, x, q, gen=gen, rerank=3)
+    answers = [image_to_text.generate(tiny_unified, x, q, gen=GenerationConfig(
+        max_new_tokens=6, steps=2, guidance=1.0, seed=5 + k)) for k in range(3)]
+    assert asked[0] in {a[0] for a in answers}
+    want, _ = image_to_text.rerank_answers(tiny_unified, x[:1], q[:1], [[a[0] for a in answers]])
+    assert asked[0] == want[0]
+
+
+def test_answer_flow_loss_is_the_training_loss_and_reranking_takes_the_argmin(tiny_unified):
+    from unified.config import LossConfig
+    from unified.data.streams import TaskSample, collate_task_samples
+    from vaes.tokenizer import encode_piece
+
+    m, tok = tiny_unified, tiny_unified.tokenizer
+    x = images(1).expand(3, -1, -1, -1)
+    q = ["what color is the circle?"] * 3
+    answers = ["red", "blue", "red"]
+    loss = image_to_text.answer_flow_loss(m, x, q, answers, seeds=(3,))
+    assert loss.shape == (3,) and loss[0] == loss[2]  # same seed, same answer: same loss
+    assert loss[0] != loss[1]  # the answer matters
+    # the reference: the same samples through the stage-2 training loss (summed over rows;
+    # posterior means, as the scorer uses)
+    samples = [TaskSample(image_to_text.NAME, [encode_piece(tok, q[0], 64),
+                                               encode_piece(tok, a, 64, pad_to=m.block_size)],
+                          [x[0]], image_to_text.recipe(1), seed=3) for a in answers]
+    pairs = collate_task_samples(samples, seq_len=m.vae.config.max_len, pad_id=tok.pad_token_id)
+    rows = pairs["pieces"]
+    with torch.no_grad():
+        mean, _ = m.vae.encode(rows["input_ids"], rows["sample_ids"], rows["positions"])
+        terms = m._pair_flow_losses(pairs, m.vae.normalize(mean), LossConfig(sample_posterior=False),
+                                    None)
+    assert torch.allclose(terms[image_to_text.NAME][0], loss.sum(), rtol=1e-5)
+    cands = [["blue", "red", "blue"], ["red"]]  # the second has no choice to make
+    best, nfe = image_to_text.rerank_answers(m, x[:2], q[:2], cands, seeds=(3,))
+    assert best == [answers[int(loss[:2].argmin())], "red"] and nfe == 1
+    assert image_to_text.rerank_answers(m, x[:1], q[:1], [["red"]]) == (["red"], 0)

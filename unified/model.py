@@ -403,11 +403,24 @@ class ColaModel(nn.Module):
         loss) enters the layout times zero: backward then finishes this prior call before it
         starts the prose call's, the same order on every rank (FSDP2 gathers the sharded
         blocks in that order, and ranks that interleave the two calls differently deadlock)."""
+        lay = self.pair_layout(pairs, z_pieces, w.sample_posterior, generator, after)
+        err, count = self._flow_loss(lay, per_row=True)
+        losses = {}
+        for task in dict.fromkeys(pairs["tasks"]):
+            rows = torch.tensor([name == task for name in pairs["tasks"]], device=err.device)
+            losses[task] = ((err * rows).sum(), (count * rows).sum())
+        return losses
+
+    def pair_layout(self, pairs: dict, z_pieces: torch.Tensor, sample_posterior: bool = False,
+                    generator=None, after: torch.Tensor | None = None):
+        """The 2L layout of collated task samples (`_pair_flow_losses`; also the answer
+        scorer tasks.image_to_text.answer_flow_loss): each sample's text-piece latents
+        (rows of `z_pieces`, [R, L, d]) and encoded images placed by its recipe."""
         texts = [z_pieces[r, s:s + n] for r, s, n in pairs["piece_index"].tolist()]
         images = []
         if pairs["images"].shape[0]:
             with torch.no_grad():  # the image VAE is frozen in stage 2
-                images = list(self.encode_images(pairs["images"], w.sample_posterior, generator))
+                images = list(self.encode_images(pairs["images"], sample_posterior, generator))
         grid = torch.zeros(0, 2)
         if self.image_vae is not None:  # a batch's images share one size (one bucket)
             grid = self.image_grid(*pairs["images"].shape[-2:]) if len(images) else \
@@ -425,12 +438,7 @@ class ColaModel(nn.Module):
         lay.z = lay.z + 0.0 * tie
         if pairs.get("valid") is not None:
             lay.loss_mask = lay.loss_mask & torch.tensor(pairs["valid"], device=lay.z.device)[:, None]
-        err, count = self._flow_loss(lay, per_row=True)
-        losses = {}
-        for task in dict.fromkeys(pairs["tasks"]):
-            rows = torch.tensor([name == task for name in pairs["tasks"]], device=err.device)
-            losses[task] = ((err * rows).sum(), (count * rows).sum())
-        return losses
+        return lay
 
     # ----------------------------------------------------------------- save / load
     def index(self) -> dict:

@@ -78,21 +78,27 @@ def item_seeds(seed: int, start: int, n: int) -> list[int]:
 
 @torch.no_grad()
 def evaluate_questions(model: ColaModel, images: torch.Tensor, scenes: list[Scene],
-                       gen: GenerationConfig, batch: int = 50) -> dict:
+                       gen: GenerationConfig, batch: int = 50, rerank: int = 0) -> dict:
     """Share of right answers to every question of each scene, per kind and in all
-    (`qa_<kind>`, `qa_all`, `qa_questions`)."""
+    (`qa_<kind>`, `qa_all`, `qa_questions`); with `rerank` = K > 1 also the answers chosen
+    among K samples by the prior's own answer flow loss (`qa_rerank<K>_<kind>`, ...)."""
     asked = [(i, q, a) for i, s in enumerate(scenes) for q, a in questions(s)]
-    right = defaultdict(list)
+    ways = {"qa": 0, **({f"qa_rerank{rerank}": rerank} if rerank > 1 else {})}
+    right = {name: defaultdict(list) for name in ways}
     for k in range(0, len(asked), batch):
         part = asked[k:k + batch]
         x = images[[i for i, _, _ in part]].to(model.vae.device)
-        answers = image_to_text.generate(model, x, [q for _, q, _ in part], gen=gen,
-                                         seeds=item_seeds(gen.seed, k, len(part)))
-        for (_, q, a), got in zip(part, answers):
-            right[question_kind(q)].append(score_answer(got, a))
-    report = {f"qa_{kind}": sum(v) / len(v) for kind, v in sorted(right.items())}
-    every = [r for v in right.values() for r in v]
-    report.update(qa_all=sum(every) / max(1, len(every)), qa_questions=len(every))
+        for name, r in ways.items():
+            answers = image_to_text.generate(model, x, [q for _, q, _ in part], gen=gen,
+                                             rerank=r, seeds=item_seeds(gen.seed, k, len(part)))
+            for (_, q, a), got in zip(part, answers):
+                right[name][question_kind(q)].append(score_answer(got, a))
+    report = {}
+    for name, kinds in right.items():
+        report.update({f"{name}_{kind}": sum(v) / len(v) for kind, v in sorted(kinds.items())})
+        every = [r for v in kinds.values() for r in v]
+        report[f"{name}_all"] = sum(every) / max(1, len(every))
+    report["qa_questions"] = len(asked)
     return report
 
 
@@ -135,7 +141,8 @@ def evaluate_shapes(model: ColaModel, data: str | Path, n: int = 500, batch: int
                     questions: int = 100, completions: int = 0, progress: bool = True) -> dict:
     """Every figure of the shapes benchmark on the first `n` records of `data`; with
     `rerank` = K > 1 also the captions chosen among K samples by the text-to-image scorer
-    (`caption_rerank_*`), beside the plain first samples (`caption_*`); the questions of the
+    (`caption_rerank_*`), beside the plain first samples (`caption_*`), and the answers
+    chosen by their own flow loss (`qa_rerank_*`); the questions of the
     first `questions` scenes (0: none); the text-only caption completions of the first
     `completions` scenes (0: none)."""
     text_gen = text_gen or GenerationConfig(max_new_tokens=image_to_text.MAX_NEW_TOKENS)
@@ -186,7 +193,8 @@ def evaluate_shapes(model: ColaModel, data: str | Path, n: int = 500, batch: int
     if questions > 0:
         k = min(questions, len(scenes))
         answer_gen = dataclasses.replace(text_gen, max_new_tokens=16)  # one block
-        report.update(evaluate_questions(model, images[:k], scenes[:k], answer_gen, batch))
+        report.update(evaluate_questions(model, images[:k], scenes[:k], answer_gen, batch,
+                                         rerank))
     if completions > 0:
         report.update(evaluate_completions(model, scenes[:completions],
                                            dataclasses.replace(text_gen, max_new_tokens=32),

@@ -381,7 +381,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="shapes: ODE steps per image")
     s.add_argument("--rerank", type=int, default=8, metavar="K",
                    help="shapes: also caption by choosing among K samples with the "
-                        "text-to-image scorer (0 = plain sampling only)")
+                        "text-to-image scorer, and answer questions by choosing among K "
+                        "samples with the answer flow loss (0 = plain sampling only)")
     s.add_argument("--questions", type=int, default=100, metavar="N",
                    help="shapes: also answer every question about the first N scenes (0: none)")
     s.add_argument("--completions", type=int, default=100, metavar="N",

@@ -241,8 +241,9 @@ def add_parsers(sub) -> None:
     s.add_argument("--max-new-tokens", type=int,
                    help=f"a new model: {image_to_text.MAX_NEW_TOKENS}; default: the model's own")
     s.add_argument("--candidates", type=int, default=1, metavar="K",
-                   help="sample K captions and keep the one the model best redraws the image "
-                        "from (analysis by synthesis; about K times slower)")
+                   help="sample K answers and keep one: a caption the model best redraws the "
+                        "image from (analysis by synthesis), an answer to --question the "
+                        "model best explains (its flow loss); about K times slower")
     s.set_defaults(fn=cmd_caption)
 
     s = sub.add_parser("imagine", help="draw an image for a caption")

@@ -193,9 +193,10 @@ class UnifiedPipeline(DiffusionPipeline):
                 ) -> TextResult | Iterator[BlockOutput]:
         """Describe an image (or answer `question` about it), optionally continuing `prefix`.
         `image`: a PIL image, an H x W x 3 array, a path, or a list of those. `rerank` = K > 1
-        samples K captions (seeds seed .. seed+K-1) and keeps the one the same prior's
-        text-to-image direction explains best (tasks.image_to_text.answer); it costs about K
-        times the prior calls and cannot stream."""
+        samples K answers (seeds seed .. seed+K-1) and keeps one (tasks.image_to_text.answer):
+        a caption that the same prior's text-to-image direction explains best, an answer to a
+        question that the prior explains best given the image and the question; it costs
+        about K times the prior calls and cannot stream."""
         self._need_images()
         images = image if isinstance(image, list) else [image]
         inputs.batch("images", len(images))
