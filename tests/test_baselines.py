@@ -197,3 +197,44 @@ def test_generative_perplexity_and_unigram_entropy(tokenizer):
     nll = torch.cat(ar.nll([ctx[0], ctx[2]], [samples[0], samples[2]]))
     assert m["tokens"] == 4 and m["gen_ppl"] == pytest.approx(math.exp(nll.mean().item()), rel=1e-5)
     assert m["length"] == pytest.approx(4 / 3)
+
+
+def test_genppl_bench_judges_every_contestant_at_fixed_length(tokenizer, shards, tmp_path,
+                                                                monkeypatch):
+    """bench/genppl.py end to end on tiny models: a separate judge, an AR, an MDLM and a Cola
+    contestant sharing one tokenizer; with --ignore-eos every sample has exactly the budget."""
+    import sys
+
+    from conftest import perturbed_
+
+    from bench import genppl
+    from prior.dit import DiT
+    from unified.layout import TextLayoutConfig
+    from unified.model import ColaModel
+    from vaes.text_vae import TextVAE
+
+    tiny("ar", tokenizer, seed=1).save_pretrained(tmp_path / "judge")
+    tiny("ar", tokenizer, seed=2).save_pretrained(tmp_path / "ar")
+    tiny("mdlm", tokenizer, seed=3).save_pretrained(tmp_path / "mdlm")
+    torch.manual_seed(4)
+    vae = TextVAE(vocab_size=len(tokenizer), latent_dim=8, width=32, enc_layers=1, dec_layers=1,
+                  heads=2, max_len=64)
+    dit = perturbed_(DiT(modalities={"text": 8}, width=32, depth=1, heads=2, attn_backend="sdpa"))
+    ColaModel(vae, dit, tokenizer, TextLayoutConfig(block_size=4)).save_pretrained(
+        tmp_path / "cola")
+    table = tmp_path / "table.md"
+    monkeypatch.setattr(sys, "argv", [
+        "genppl", "--judge", str(tmp_path / "judge"), "--judge-name", "big AR",
+        "--model", "AR", str(tmp_path / "ar"), "--model", "MDLM", str(tmp_path / "mdlm"),
+        "--model", "Cola", str(tmp_path / "cola"), "--data", shards, "-n", "5",
+        "--prompt-tokens", "4", "--new-tokens", "6", "--ignore-eos", "--guidance", "1", "2",
+        "--cola-steps", "2", "--mdlm-steps", "2", "--table", str(table)])
+    genppl.main()
+    rows = [r.split("|")[1:-1] for r in table.read_text().splitlines() if r.startswith("| ")]
+    names = [r[0].strip() for r in rows[1:]]
+    assert names == ["held-out text", "judge: big AR", "AR, T=1", "MDLM, T=1, 16/2",
+                     "Cola, CFG 1, 2 steps", "Cola, CFG 2, 2 steps"]
+    for r in rows[3:]:  # the contestants: fixed length, a finite perplexity under the judge
+        assert float(r[-1]) == 6.0 and 1.0 < float(r[4]) < float("inf")
+    assert rows[2][3].strip() and rows[3][3].strip()  # held-out PPL of the judge and the AR
+    assert not rows[4][3].strip()  # an MDLM has no such likelihood
