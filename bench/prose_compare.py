@@ -17,26 +17,16 @@ running it again.
 
 from __future__ import annotations
 
-import argparse
 import subprocess
 import sys
-from pathlib import Path
 
-from bench.textworld_compare import train
+from bench.textworld_compare import comparison_parser, train
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", type=Path, required=True, help="a folder with train/ and heldout/")
-    ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--budget", type=int, nargs=2, action="append", required=True,
-                    metavar=("STAGE1", "STAGE2"), help="Cola's steps per stage; repeatable")
+    ap = comparison_parser(__doc__, "a folder with train/ and heldout/")
     ap.add_argument("--judge-mult", type=float, default=4.0,
                     help="the judge's steps: this many times the largest budget's AR steps")
-    ap.add_argument("--warmup", type=int, default=30, help="optimizer warmup steps (every run)")
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                    help="passed to every run")
     ap.add_argument("--train-only", action="store_true", help="train, do not judge")
     args, genppl_args = ap.parse_known_args()  # the rest goes to bench.genppl
     from bench.matched_flops import count, matched_steps

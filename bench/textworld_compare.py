@@ -69,19 +69,25 @@ def evaluate(ckpt: Path, data: Path, n: int, steps: int, guidance: float) -> dic
     return out
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__,
+def comparison_parser(doc: str, data_help: str) -> argparse.ArgumentParser:
+    """The arguments every matched-FLOP comparison takes (this one, bench/prose_compare.py)."""
+    ap = argparse.ArgumentParser(description=doc,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", type=Path, required=True, help="cola make-shards textworld output")
+    ap.add_argument("--data", type=Path, required=True, help=data_help)
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--budget", type=int, nargs=2, action="append", required=True,
                     metavar=("STAGE1", "STAGE2"), help="Cola's steps per stage; repeatable")
-    ap.add_argument("-n", type=int, default=200, help="held-out problems per model")
-    ap.add_argument("--steps", type=int, default=8, help="Cola: ODE steps per block")
-    ap.add_argument("--text-guidance", type=float, default=1.0, help="Cola: CFG scale")
     ap.add_argument("--warmup", type=int, default=30, help="optimizer warmup steps (every run)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="passed to every run")
+    return ap
+
+
+def main() -> None:
+    ap = comparison_parser(__doc__, "cola make-shards textworld output")
+    ap.add_argument("-n", type=int, default=200, help="held-out problems per model")
+    ap.add_argument("--steps", type=int, default=8, help="Cola: ODE steps per block")
+    ap.add_argument("--text-guidance", type=float, default=1.0, help="Cola: CFG scale")
     args = ap.parse_args()
     from bench.matched_flops import count, matched_steps
 
